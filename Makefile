@@ -1,0 +1,43 @@
+# podtap — every install step of the project lives here (and in scripts/).
+PY      := /usr/bin/python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: install deps venv demo test lint typecheck unit kernel bench clean
+
+install: deps venv
+
+deps:
+	bash scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -c 'import bcc' || { echo 'bcc is not importable: run make deps'; exit 1; }
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/mypy
+
+test: install
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/mypy
+	$(VPY) -m pytest -q tests
+
+unit: venv
+	$(VPY) -m pytest -q tests/unit
+
+demo: install
+	$(VPY) -m tests.simnode.demo
+
+bench: install
+	$(VPY) bench/tap_throughput.py
+	$(VPY) bench/write_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,215 @@
+"""Ring buffer records: read them out of the kernel and decode them.
+
+The BPF ring buffer is consumed directly through its mmap'ed pages (the
+layout of kernel/bpf/ringbuf.c, as libbpf reads it), not through bcc's
+per-record ctypes callback: a drain copies every committed record between
+the consumer and the producer position as ONE bytes object and frees that
+ring space at once.  Records are decoded later, on the event loop, in one
+tight loop per batch.
+
+Mapping: page 0 = consumer position (read-write), page 1 = producer position,
+then the data area, mapped twice in a row so that a record that wraps around
+is contiguous.  Each record starts with an 8-byte header: u32 length with the
+BUSY (not yet committed) and DISCARD bits, u32 page offset; records are
+8-byte aligned.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from agent.capture.probe import CONSTANTS
+
+log = logging.getLogger("podtap.capture")
+
+EV_DATA = CONSTANTS["EV_DATA"]
+EV_EXIT = CONSTANTS["EV_EXIT"]
+STREAM_STDOUT = CONSTANTS["STREAM_STDOUT"]
+STREAM_STDERR = CONSTANTS["STREAM_STDERR"]
+F_FD_FALLBACK = CONSTANTS["F_FD_FALLBACK"]
+F_TRUNCATED = CONSTANTS["F_TRUNCATED"]
+F_CONTINUATION = CONSTANTS["F_CONTINUATION"]
+F_UNKNOWN = CONSTANTS["F_UNKNOWN"]
+F_LOSS = CONSTANTS["F_LOSS"]
+
+EVENT_HDR = struct.Struct("<QQIIIHBB16s")
+assert EVENT_HDR.size == CONSTANTS["EVENT_HDR_SIZE"]
+RINGBUF_HDR_SIZE = 8
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+# One decoded record: (ts_ns, cgroup_id, pid, tid, type, stream, flags, comm, data)
+Record = tuple[int, int, int, int, int, int, int, bytes, bytes]
+
+
+class RingReader:
+    """Consumer side of a BPF ring buffer map, by mmap."""
+
+    def __init__(self, map_fd: int, size: int) -> None:
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring buffer size must be a power of two, got {size}")
+        page = mmap.PAGESIZE
+        self.size = size
+        self.mask = size - 1
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._area = mmap.mmap(
+            map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+        self._data_off = page
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until the kernel signals new records (or the timeout passes)."""
+        return bool(self._epoll.poll(timeout_s))
+
+    def available(self) -> int:
+        cons = _U64.unpack_from(self._consumer, 0)[0]
+        prod = _U64.unpack_from(self._area, 0)[0]
+        return int(prod - cons)
+
+    def drain(self, max_bytes: int) -> bytes:
+        """Copy out the committed records (at most ~max_bytes) and release their space.
+
+        The returned bytes are a sequence of ring records (8-byte header, payload,
+        padding), possibly including discarded ones; `decode()` walks them.
+        """
+        area, data_off, mask = self._area, self._data_off, self.mask
+        cons = _U64.unpack_from(self._consumer, 0)[0]
+        prod = _U64.unpack_from(area, 0)[0]
+        pos = cons
+        limit = cons + max_bytes
+        unpack_u32 = _U32.unpack_from
+        while pos < prod and pos < limit:
+            length = unpack_u32(area, data_off + (pos & mask))[0]
+            if length & BUSY_BIT:
+                break
+            pos += (RINGBUF_HDR_SIZE + (length & ~DISCARD_BIT) + 7) & ~7
+        if pos == cons:
+            return b""
+        start = data_off + (cons & mask)
+        blob = area[start : start + (pos - cons)]
+        _U64.pack_into(self._consumer, 0, pos)
+        return blob
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._consumer.close()
+        self._area.close()
+
+
+def decode(blob: bytes) -> list[Record]:
+    """Decode a drained span of ring records into tuples (discarded ones skipped)."""
+    out: list[Record] = []
+    append = out.append
+    unpack_hdr = EVENT_HDR.unpack_from
+    unpack_u32 = _U32.unpack_from
+    hdr_size = EVENT_HDR.size
+    pos, end = 0, len(blob)
+    while pos < end:
+        length = unpack_u32(blob, pos)[0]
+        size = length & ~DISCARD_BIT
+        if not length & DISCARD_BIT and size >= hdr_size:
+            ts, cg, pid, tid, dlen, typ, stream, flags, comm = unpack_hdr(blob, pos + 8)
+            start = pos + 8 + hdr_size
+            append((ts, cg, pid, tid, typ, stream, flags, comm, blob[start : start + dlen]))
+        pos += (RINGBUF_HDR_SIZE + size + 7) & ~7
+    return out
+
+
+class Drainer(threading.Thread):
+    """Drains the ring buffer in its own thread and hands each span to `deliver`.
+
+    Memory is bounded: while more than `max_pending` bytes are delivered but
+    not yet released by the consumer (`release()`), the ring is left alone, so
+    it fills and the kernel drops and counts, instead of this process growing.
+    """
+
+    def __init__(
+        self,
+        reader: RingReader,
+        deliver: Callable[[bytes], None],
+        max_pending: int,
+        batch_bytes: int = 4 << 20,
+    ) -> None:
+        super().__init__(name="podtap-ring-drain", daemon=True)
+        self.reader = reader
+        self.deliver = deliver
+        self.max_pending = max_pending
+        self.batch_bytes = batch_bytes
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def release(self, nbytes: int) -> None:
+        with self._room:
+            self._pending -= nbytes
+            self._room.notify()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._room:
+            self._room.notify()
+
+    def drain_once(self) -> int:
+        """Drain what is there now (used by the thread and at shutdown)."""
+        total = 0
+        while True:
+            with self._room:
+                while self._pending >= self.max_pending and not self._stopping.is_set():
+                    self._room.wait(0.1)
+                room = self.max_pending - self._pending
+            if room <= 0:
+                return total
+            blob = self.reader.drain(min(self.batch_bytes, room))
+            if not blob:
+                return total
+            with self._room:
+                self._pending += len(blob)
+            total += len(blob)
+            self.deliver(blob)
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self.reader.available() == 0:
+                    self.reader.wait(0.1)
+                self.drain_once()
+        except BaseException as e:  # reported to the pipeline, which stops
+            self.error = e
+            log.exception("ring buffer drain failed")
+
+
+def comm_str(comm: bytes) -> str:
+    return comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def boot_to_realtime_offset_ns() -> int:
+    """Add to a CLOCK_BOOTTIME timestamp (bpf_ktime_get_boot_ns) to get Unix time in ns.
+
+    Of three readings, the one with the tightest bracket of realtime reads wins.
+    """
+    best: tuple[int, int] | None = None
+    for _ in range(3):
+        t0 = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        t1 = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        cand = (t1 - t0, (t0 + t1) // 2 - boot)
+        if best is None or cand[0] < best[0]:
+            best = cand
+    assert best is not None
+    return best[1]
+
+
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)

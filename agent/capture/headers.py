@@ -1,0 +1,118 @@
+"""Kernel headers for bcc.
+
+bcc compiles the BPF program at start-up and needs a kernel header tree.  In
+order of preference: `$BCC_KERNEL_SOURCE` if set, the host's headers for the
+running kernel (`/lib/modules/$(uname -r)/build`), else Debian's
+`linux-headers-<flavour>` packages, whose `-common` and `-<arch>` halves are
+merged into one tree (a tree of symlinks in a cache directory).  The BPF
+program takes no struct layout from these headers (offsets come from BTF), so
+headers of another kernel version are good enough.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = "/var/cache/podtap/kernel-headers"
+_DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+_MERGED_STAMP = ".podtap-merged"
+
+
+class HeadersError(Exception):
+    """No usable kernel headers; the message says what to install or mount."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelHeaders:
+    path: str
+    source: str  # "env", "host" or "debian"
+
+
+def _is_header_tree(path: Path) -> bool:
+    return (path / "include" / "linux").is_dir() and (path / "arch").is_dir()
+
+
+def _debian_pairs(usr_src: Path, arch: str) -> list[tuple[str, Path, Path]]:
+    """(version, common, arch) directory pairs of Debian's linux-headers packages."""
+    pairs = []
+    for arch_dir in usr_src.glob(f"linux-headers-*-{arch}"):
+        m = re.fullmatch(rf"linux-headers-(.+)-{re.escape(arch)}", arch_dir.name)
+        if not m:
+            continue
+        common = usr_src / f"linux-headers-{m.group(1)}-common"
+        if common.is_dir():
+            pairs.append((m.group(1), common, arch_dir))
+    return sorted(pairs, key=lambda p: _version_key(p[0]), reverse=True)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version))
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Mirror `src` into `dst` as directories and symlinks; later trees win."""
+    for root, dirs, files in os.walk(src, followlinks=True):
+        rel = Path(root).relative_to(src)
+        target_dir = dst / rel
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            link = target_dir / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path(root) / name)
+        # A symlinked directory (Debian's `scripts`) is walked through, not linked.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+
+
+def merge_debian_headers(common: Path, arch_dir: Path, dest: Path) -> Path:
+    """Merge a Debian `-common` and `-<arch>` header pair into `dest` (idempotent)."""
+    stamp = dest / _MERGED_STAMP
+    if stamp.exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    _link_tree(common, tmp)
+    _link_tree(arch_dir, tmp)
+    (tmp / _MERGED_STAMP).write_text(f"{common}\n{arch_dir}\n")
+    if dest.exists():
+        # Someone else merged concurrently, or a stale unstamped tree: keep theirs if complete.
+        if stamp.exists():
+            return dest
+        os.rename(dest, dest.with_name(dest.name + f".stale{os.getpid()}"))
+    os.rename(tmp, dest)
+    return dest
+
+
+def find_kernel_headers(
+    release: str | None = None,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    host_root: str = "/",
+) -> KernelHeaders:
+    """Find (or build) a header tree for bcc; raise HeadersError with a remedy if none."""
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env:
+        if _is_header_tree(Path(env)):
+            return KernelHeaders(env, "env")
+        raise HeadersError(f"BCC_KERNEL_SOURCE={env} is not a kernel header tree (no include/)")
+    release = release or platform.release()
+    root = Path(host_root)
+    for name in ("build", "source"):
+        host = root / "lib/modules" / release / name
+        if _is_header_tree(host):
+            return KernelHeaders(str(host), "host")
+    arch = _DEBIAN_ARCH.get(platform.machine(), platform.machine())
+    pairs = _debian_pairs(root / "usr/src", arch)
+    if pairs:
+        version, common, arch_dir = pairs[0]
+        dest = Path(cache_dir) / f"{version}-{arch}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return KernelHeaders(str(merge_debian_headers(common, arch_dir, dest)), "debian")
+    raise HeadersError(
+        f"no kernel headers for bcc: none for the running kernel {release} under "
+        f"{root / 'lib/modules'}, and no Debian linux-headers-*-{arch} package. Install the "
+        f"host's headers (linux-headers-{release}), or Debian's linux-headers-{arch} in the "
+        "image, or mount the host's /lib/modules and /usr/src into the pod"
+    )

@@ -1,0 +1,71 @@
+"""The capture stage as the pipeline sees it: batches of decoded records on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from agent.capture.events import Drainer, Record, RingReader, decode
+from agent.capture.probe import Probe
+
+
+class CaptureSource:
+    """Drains the probe's ring buffer in a thread; `batches()` yields on the event loop."""
+
+    def __init__(self, probe: Probe, queue_bytes: int) -> None:
+        self.probe = probe
+        self.queue_bytes = queue_bytes
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._reader: RingReader | None = None
+        self._drainer: Drainer | None = None
+        self.records = 0
+
+    def start(self) -> None:
+        """Start draining; call from the event loop after the probe is loaded."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        self._reader = RingReader(self.probe.ring_fd, self.probe.ring_size)
+
+        def deliver(blob: bytes) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, blob)
+
+        self._drainer = Drainer(self._reader, deliver, self.queue_bytes)
+        self._drainer.start()
+
+    async def batches(self) -> AsyncIterator[list[Record]]:
+        """Decoded record batches, in ring order, until `stop()` has drained the ring."""
+        while True:
+            blob = await self._queue.get()
+            if blob is None:
+                return
+            records = decode(blob)
+            if self._drainer is not None:
+                self._drainer.release(len(blob))
+            self.records += len(records)
+            yield records
+
+    def stop(self) -> None:
+        """Detach the probe, then hand over whatever is still in the ring, then end."""
+        self.probe.detach()
+        drainer, reader = self._drainer, self._reader
+        if drainer is not None:
+            drainer.stop()
+            drainer.join()
+            if drainer.error is not None:
+                raise RuntimeError("ring buffer drain failed") from drainer.error
+        # call_soon keeps FIFO order behind the drain thread's call_soon_threadsafe.
+        loop = asyncio.get_running_loop()
+        if reader is not None:
+            while blob := reader.drain(1 << 30):
+                loop.call_soon(self._queue.put_nowait, blob)
+        loop.call_soon(self._queue.put_nowait, None)
+
+    @property
+    def drain_error(self) -> BaseException | None:
+        return self._drainer.error if self._drainer is not None else None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.probe.close()

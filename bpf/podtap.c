@@ -1,0 +1,446 @@
+/* podtap — capture what watched containers write to their stdout/stderr.
+ *
+ * Attached to syscall tracepoints only (no kprobes).  At sys_enter_* the
+ * writer is filtered by cgroup id (one map lookup for everything else), the
+ * file behind the fd is compared with the container's stdout/stderr file, and
+ * the buffer pointers are stashed per thread.  At sys_exit_* exactly the bytes
+ * the kernel accepted (the return value) are copied into the ring buffer, in
+ * variable-size records of at most CHUNK bytes.
+ *
+ * Kernel struct offsets come from the running kernel's BTF as -D defines
+ * (agent/capture/btf.py): no layout is taken from the headers bcc compiles
+ * against.  Defines supplied by the agent: OFF_*, MAX_WRITE, CHUNK (power of
+ * two), MAX_ITERS, NCPUS, RINGBUF_PAGES, MAX_CONTAINERS, SELF_TGID and,
+ * optionally, PODS_ROOT_ID / PODS_ROOT_LEVEL.
+ */
+#include "podtap.h"
+
+#define K_WRITE 1  /* one buffer: ptr, count */
+#define K_VEC 2    /* an iovec array: ptr, vlen */
+#define K_UNCAPT 3 /* data moved in the kernel: only the byte count is known */
+
+struct sys_enter_ctx {
+    u64 common;
+    s32 nr;
+    u32 pad;
+    u64 args[6];
+};
+
+struct sys_exit_ctx {
+    u64 common;
+    s32 nr;
+    u32 pad;
+    s64 ret;
+};
+
+struct pending {
+    u64 cgroup_id;
+    u64 ptr;
+    u64 vlen; /* iovec count for K_VEC */
+    u8 kind;
+    u8 stream;
+    u8 flags;
+    u8 pad[5];
+};
+
+struct user_iovec {
+    u64 base;
+    u64 len;
+};
+
+/* Per-CPU copy state.  The loop keeps everything it needs here, in map
+ * memory, so that the verifier sees the same state at every iteration and
+ * prunes: the loop costs it one pass per iteration, not one per path.  */
+struct copy_state {
+    u64 left;     /* bytes still to copy for this write */
+    u64 seg_left; /* bytes left in the current buffer */
+    u64 base;     /* user address of the next byte of the current buffer */
+    u64 iov;      /* user address of the iovec array */
+    u64 idx;      /* next iovec */
+    u64 vlen;
+    u64 fill;     /* bytes in data[] not yet sent */
+    u64 missing;  /* bytes beyond MAX_WRITE */
+    struct event_hdr hdr;
+    u8 data[2 * CHUNK]; /* 2x so that fill + n is provably in bounds */
+};
+
+BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
+BPF_TABLE("lru_hash", u64, struct pending, stash, 16384);
+BPF_TABLE("lru_hash", u32, u8, lost, 16384);
+BPF_ARRAY(scratch, struct copy_state, NCPUS);
+BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PROG_ARRAY(tails, 1); /* [0] = copy_more: the copy loop, continued */
+
+static __always_inline void count(u32 idx, u64 n)
+{
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline u64 read_ptr(u64 addr)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+    return v;
+}
+
+/* (superblock dev, inode number) of the file behind `fd` of the current task. */
+static __always_inline int fd_ident(u64 fd, u32 *dev, u64 *ino)
+{
+    u64 task = bpf_get_current_task();
+    u64 files = read_ptr(task + OFF_TASK_FILES);
+    if (!files)
+        return -1;
+    u64 fdt = read_ptr(files + OFF_FILES_FDT);
+    if (!fdt)
+        return -1;
+    u32 max_fds = 0;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (void *)(fdt + OFF_FDT_MAX_FDS));
+    if (fd >= max_fds)
+        return -1;
+    u64 fdarr = read_ptr(fdt + OFF_FDT_FD);
+    u64 file = read_ptr(fdarr + fd * 8);
+    if (!file)
+        return -1;
+    u64 inode = read_ptr(file + OFF_FILE_F_INODE);
+    if (!inode)
+        return -1;
+    *ino = read_ptr(inode + OFF_INODE_I_INO);
+    u64 sb = read_ptr(inode + OFF_INODE_I_SB);
+    if (!sb)
+        return -1;
+    bpf_probe_read_kernel(dev, sizeof(*dev), (void *)(sb + OFF_SB_S_DEV));
+    return 0;
+}
+
+static __always_inline u8 stream_by_fd(u64 fd)
+{
+    if (fd == 1)
+        return STREAM_STDOUT;
+    if (fd == 2)
+        return STREAM_STDERR;
+    return 0;
+}
+
+/* Which watched stream, if any, `fd` of the current task writes to.
+ * Returns 0 when the write is not container output. */
+static __always_inline u8 classify(u64 fd, u64 *cgid, u8 *flags)
+{
+    *cgid = bpf_get_current_cgroup_id();
+    struct container *c = containers.lookup(cgid);
+    if (!c) {
+#ifdef PODS_ROOT_ID
+        /* A container the agent does not know yet: keep its first lines. */
+        if (bpf_get_current_ancestor_cgroup_id(PODS_ROOT_LEVEL) != PODS_ROOT_ID)
+            return 0;
+        if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+            return 0;
+        *flags = F_FD_FALLBACK | F_UNKNOWN;
+        return stream_by_fd(fd);
+#else
+        return 0;
+#endif
+    }
+    u32 cflags = c->flags;
+    if (!(cflags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR)))
+        return 0; /* excluded container */
+    if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+        return 0;
+    u8 stream = 0;
+    if (cflags & C_IDENT_KNOWN) {
+        u32 dev = 0;
+        u64 ino = 0;
+        if (fd_ident(fd, &dev, &ino))
+            return 0;
+        if (ino == c->out_ino && dev == c->out_dev)
+            stream = STREAM_STDOUT;
+        else if (ino == c->err_ino && dev == c->err_dev)
+            stream = STREAM_STDERR;
+    } else {
+        stream = stream_by_fd(fd);
+        *flags = F_FD_FALLBACK;
+    }
+    if (stream == STREAM_STDOUT && !(cflags & C_CAPTURE_STDOUT))
+        return 0;
+    if (stream == STREAM_STDERR && !(cflags & C_CAPTURE_STDERR))
+        return 0;
+    return stream;
+}
+
+static __always_inline int stash_call(u64 fd, u64 ptr, u64 vlen, u8 kind)
+{
+    u64 cgid = 0;
+    u8 flags = 0;
+    u8 stream = classify(fd, &cgid, &flags);
+    if (!stream)
+        return 0;
+    struct pending p = {};
+    p.cgroup_id = cgid;
+    p.ptr = ptr;
+    p.vlen = vlen;
+    p.kind = kind;
+    p.stream = stream;
+    p.flags = flags;
+    u64 id = bpf_get_current_pid_tgid();
+    if (stash.update(&id, &p))
+        count(CNT_STASH_FULL, 1);
+    return 0;
+}
+
+/* Send data[0..fill) as one record. */
+static __always_inline void send_chunk(struct copy_state *st)
+{
+    u64 n = st->fill;
+    if (n > CHUNK)
+        n = CHUNK;
+    st->hdr.len = n;
+    if (events.ringbuf_output(&st->hdr, EVENT_HDR_SIZE + n, 0)) {
+        count(CNT_DROP_RECORDS, 1);
+        count(CNT_DROP_BYTES, n);
+        u32 tgid = st->hdr.pid;
+        u8 one = 1;
+        lost.update(&tgid, &one);
+        st->hdr.flags |= F_LOSS;
+    } else {
+        count(CNT_RECORDS, 1);
+        count(CNT_BYTES, n);
+        st->hdr.flags &= ~F_LOSS;
+    }
+    st->hdr.flags |= F_CONTINUATION;
+    st->fill = 0;
+}
+
+/* Copy up to MAX_ITERS pieces: each iteration takes the next iovec if the
+ * current buffer is done, then copies what fits in the chunk. */
+static __always_inline void copy_loop(struct copy_state *st)
+{
+    for (int i = 0; i < MAX_ITERS; i++) {
+        if (st->left == 0)
+            break;
+        if (st->seg_left == 0) {
+            if (st->idx >= st->vlen)
+                break;
+            struct user_iovec v = {};
+            if (bpf_probe_read_user(&v, sizeof(v), (void *)(st->iov + st->idx * sizeof(v)))) {
+                count(CNT_FAULT_BYTES, st->left);
+                st->left = 0;
+                st->hdr.flags |= F_TRUNCATED;
+                break;
+            }
+            st->idx++;
+            st->base = v.base;
+            st->seg_left = v.len;
+        }
+        u64 fill = st->fill & (CHUNK - 1);
+        u64 n = st->seg_left;
+        if (n > st->left)
+            n = st->left;
+        if (n > CHUNK - fill)
+            n = CHUNK - fill;
+        if (n > CHUNK)
+            n = CHUNK;
+        if (bpf_probe_read_user(&st->data[fill], n, (void *)st->base)) {
+            count(CNT_FAULT_BYTES, st->left);
+            st->left = 0;
+            st->hdr.flags |= F_TRUNCATED;
+            break;
+        }
+        st->fill = fill + n;
+        st->base += n;
+        st->seg_left -= n;
+        st->left -= n;
+        if (st->fill >= CHUNK)
+            send_chunk(st);
+    }
+}
+
+static __always_inline int copy_unfinished(struct copy_state *st)
+{
+    return st->left && (st->seg_left || st->idx < st->vlen);
+}
+
+/* Account what was not copied and send the last record of the write. */
+static __always_inline void finish_write(struct copy_state *st)
+{
+    u64 missing = st->left + st->missing;
+    if (missing) {
+        count(CNT_TRUNC_BYTES, missing);
+        st->hdr.flags |= F_TRUNCATED;
+    }
+    if (st->fill || missing)
+        send_chunk(st);
+}
+
+/* Copy the first `ret` bytes of the stashed buffer(s) into the ring buffer. */
+static __always_inline int emit(void *ctx, struct pending *p, s64 ret)
+{
+    u32 cpu = bpf_get_smp_processor_id();
+    struct copy_state *st = scratch.lookup(&cpu);
+    if (!st)
+        return 0;
+
+    u64 total = ret;
+    u64 limit = total > MAX_WRITE ? MAX_WRITE : total;
+    u8 flags = p->flags;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (lost.lookup(&tgid)) {
+        flags |= F_LOSS;
+        lost.delete(&tgid);
+    }
+
+    st->left = limit;
+    st->fill = 0;
+    st->idx = 0;
+    if (p->kind == K_WRITE) {
+        st->base = p->ptr;
+        st->seg_left = limit;
+        st->vlen = 0;
+    } else {
+        st->iov = p->ptr;
+        st->vlen = p->vlen;
+        st->seg_left = 0;
+    }
+    st->hdr.ts_ns = bpf_ktime_get_boot_ns();
+    st->hdr.cgroup_id = p->cgroup_id;
+    st->hdr.pid = tgid;
+    st->hdr.tid = (u32)bpf_get_current_pid_tgid();
+    st->hdr.type = EV_DATA;
+    st->hdr.stream = p->stream;
+    st->hdr.flags = flags;
+    bpf_get_current_comm(&st->hdr.comm, sizeof(st->hdr.comm));
+    count(CNT_WRITES, 1);
+    if (flags & F_UNKNOWN)
+        count(CNT_UNKNOWN_RECORDS, 1);
+
+    st->missing = total - limit;
+    copy_loop(st);
+    if (copy_unfinished(st))
+        tails.call(ctx, 0);
+    finish_write(st);
+    return 0;
+}
+
+static __always_inline int on_exit(void *ctx, s64 ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct pending *pp = stash.lookup(&id);
+    if (!pp)
+        return 0;
+    struct pending p = *pp;
+    stash.delete(&id);
+    if (ret <= 0)
+        return 0;
+    if (p.kind == K_UNCAPT) {
+        count(CNT_UNCAPT_BYTES, ret);
+        count(CNT_UNCAPT_CALLS, 1);
+        return 0;
+    }
+    return emit(ctx, &p, ret);
+}
+
+/* Tail-called by emit() (and by itself, up to the kernel's tail call limit)
+ * when a write needs more than MAX_ITERS pieces. */
+int copy_more(void *ctx)
+{
+    u32 cpu = bpf_get_smp_processor_id();
+    struct copy_state *st = scratch.lookup(&cpu);
+    if (!st)
+        return 0;
+    copy_loop(st);
+    if (copy_unfinished(st))
+        tails.call(ctx, 0);
+    finish_write(st);
+    return 0;
+}
+
+/* write(fd, buf, count), sendto(fd, buf, len, ...) */
+int enter_write(struct sys_enter_ctx *ctx)
+{
+    return stash_call(ctx->args[0], ctx->args[1], 0, K_WRITE);
+}
+
+/* writev(fd, iov, vlen), pwritev2(fd, iov, vlen, pos_l, pos_h, flags) */
+int enter_writev(struct sys_enter_ctx *ctx)
+{
+    return stash_call(ctx->args[0], ctx->args[1], ctx->args[2], K_VEC);
+}
+
+/* sendmsg(fd, msghdr, flags): msg_iov at offset 16, msg_iovlen at 24 (user ABI). */
+int enter_sendmsg(struct sys_enter_ctx *ctx)
+{
+    u64 hdr[4] = {};
+    if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)ctx->args[1]))
+        return 0;
+    return stash_call(ctx->args[0], hdr[2], hdr[3], K_VEC);
+}
+
+/* The output fd is args[0] (sendfile64, vmsplice) or args[2] (splice,
+ * copy_file_range) or args[1] (tee). */
+int enter_uncapt_arg0(struct sys_enter_ctx *ctx)
+{
+    return stash_call(ctx->args[0], 0, 0, K_UNCAPT);
+}
+
+int enter_uncapt_arg1(struct sys_enter_ctx *ctx)
+{
+    return stash_call(ctx->args[1], 0, 0, K_UNCAPT);
+}
+
+int enter_uncapt_arg2(struct sys_enter_ctx *ctx)
+{
+    return stash_call(ctx->args[2], 0, 0, K_UNCAPT);
+}
+
+int exit_any(struct sys_exit_ctx *ctx)
+{
+    return on_exit(ctx, ctx->ret);
+}
+
+/* io_uring can write to a pipe without any write syscall: the bytes are not
+ * visible here, so count the calls of watched processes. */
+int enter_io_uring(struct sys_enter_ctx *ctx)
+{
+    u64 cgid = bpf_get_current_cgroup_id();
+    struct container *c = containers.lookup(&cgid);
+    if (c && (c->flags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR)))
+        count(CNT_UNCAPT_CALLS, 1);
+    return 0;
+}
+
+int on_process_exit(void *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if ((u32)id != tgid)
+        return 0; /* a thread, not the process */
+    u64 cgid = bpf_get_current_cgroup_id();
+    struct container *c = containers.lookup(&cgid);
+    if (!c) {
+#ifdef PODS_ROOT_ID
+        if (bpf_get_current_ancestor_cgroup_id(PODS_ROOT_LEVEL) != PODS_ROOT_ID)
+            return 0;
+#else
+        return 0;
+#endif
+    }
+    lost.delete(&tgid);
+    struct event_hdr *e = events.ringbuf_reserve(sizeof(struct event_hdr));
+    if (!e) {
+        count(CNT_DROP_RECORDS, 1);
+        return 0;
+    }
+    e->ts_ns = bpf_ktime_get_boot_ns();
+    e->cgroup_id = cgid;
+    e->pid = tgid;
+    e->tid = (u32)id;
+    e->len = 0;
+    e->type = EV_EXIT;
+    e->stream = 0;
+    e->flags = 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, 0);
+    count(CNT_EXITS, 1);
+    return 0;
+}

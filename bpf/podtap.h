@@ -1,0 +1,68 @@
+/* podtap — the record format shared by the BPF program and the agent.
+ *
+ * agent/capture/events.py reads the `#define`s of this file at import, so a
+ * constant has one definition.  Keep each define on one line as `NAME value`.
+ */
+#ifndef PODTAP_H
+#define PODTAP_H
+
+/* Record types (event_hdr.type). */
+#define EV_DATA 1 /* bytes a watched process wrote to its stdout/stderr */
+#define EV_EXIT 2 /* the process (thread group) exited: flush its partial lines */
+
+/* Streams (event_hdr.stream). */
+#define STREAM_STDOUT 1
+#define STREAM_STDERR 2
+
+/* Record flags (event_hdr.flags). */
+#define F_FD_FALLBACK 1  /* stream chosen by fd number: the pipe identity was not known yet */
+#define F_TRUNCATED 2    /* bytes of this write beyond the maximum (or the copy budget) are missing */
+#define F_CONTINUATION 4 /* not the first record of its write */
+#define F_UNKNOWN 8      /* cgroup under the pods' subtree but not (yet) in the containers map */
+#define F_LOSS 16        /* bytes of this process were dropped before this record */
+
+/* Container flags (struct container.flags). */
+#define C_CAPTURE_STDOUT 1
+#define C_CAPTURE_STDERR 2
+#define C_IDENT_KNOWN 4 /* the out and err fields hold the identities of the container's stdout/stderr */
+
+/* Per-CPU counters (index into the `counters` map). */
+#define CNT_RECORDS 0        /* data records put in the ring buffer */
+#define CNT_BYTES 1          /* data bytes put in the ring buffer */
+#define CNT_DROP_RECORDS 2   /* records lost: ring buffer full */
+#define CNT_DROP_BYTES 3     /* data bytes lost: ring buffer full */
+#define CNT_TRUNC_BYTES 4    /* bytes beyond the per-write maximum or the copy budget */
+#define CNT_UNCAPT_BYTES 5   /* bytes written to a watched stream by splice/sendfile/tee/vmsplice/copy_file_range */
+#define CNT_UNCAPT_CALLS 6   /* such calls, plus io_uring_enter calls of watched processes (bytes unknown) */
+#define CNT_FAULT_BYTES 7    /* bytes the kernel accepted but the probe could not read from user memory */
+#define CNT_STASH_FULL 8     /* writes missed because the enter/exit stash was full */
+#define CNT_UNKNOWN_RECORDS 9 /* records of cgroups under the pods' subtree not in the map */
+#define CNT_WRITES 10        /* write calls to a watched stream that returned > 0 */
+#define CNT_EXITS 11         /* exit records put in the ring buffer */
+#define NCOUNTERS 12
+
+#define EVENT_HDR_SIZE 48
+#define COMM_LEN 16
+
+struct event_hdr {
+    u64 ts_ns;     /* CLOCK_BOOTTIME of the write's return */
+    u64 cgroup_id; /* cgroup v2 id of the writer */
+    u32 pid;       /* thread group id */
+    u32 tid;
+    u32 len;       /* bytes of data after the header */
+    u16 type;
+    u8 stream;
+    u8 flags;
+    char comm[COMM_LEN];
+};
+
+struct container {
+    u64 out_ino;
+    u64 err_ino;
+    u32 out_dev; /* kernel dev_t of the stdout file's superblock */
+    u32 err_dev;
+    u32 flags;
+    u32 pad;
+};
+
+#endif /* PODTAP_H */
