@@ -1,0 +1,545 @@
+"""Tests of agent.kube.cgroups.
+
+The resolution tests build real cgroup v2 trees under a unique ``podtap-test-<random>``
+directory of the live cgroup2 mount and move real child processes into them; they need
+root and cgroup v2, are skipped without them, and fail instead when CI=true.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.kube.cgroups import (
+    CgroupError,
+    candidate_paths,
+    cgroup_id,
+    find_cgroup2_mount,
+    first_pid,
+    kernel_dev,
+    resolve,
+    scan_containers,
+    stream_idents,
+)
+from agent.kube.model import ContainerMeta, FileIdent
+
+UID = "3f0c2b7e-1d2a-4c5b-9e8f-0a1b2c3d4e5f"
+UID_ = UID.replace("-", "_")
+CID = "4b8e2f1c" * 8
+META = ContainerMeta(
+    namespace="shop",
+    pod_name="web-1",
+    pod_uid=UID,
+    container_name="app",
+    container_id=CID,
+    runtime="containerd",
+    image="web:1",
+    host="node-1",
+    qos_class="burstable",
+)
+SCOPE_PREFIX = {"containerd": "cri-containerd", "cri-o": "crio", "docker": "docker"}
+
+
+# --- fixtures: real cgroups ----------------------------------------------------------------
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: cgroup tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def mount() -> str:
+    if os.geteuid() != 0:
+        unavailable("needs root to create cgroups")
+    try:
+        return find_cgroup2_mount()
+    except CgroupError as e:
+        unavailable(f"no cgroup v2: {e}")
+        raise
+
+
+def rmdir_when_empty(path: str) -> None:
+    """rmdir a cgroup; a cgroup whose last task just died can be busy for a moment."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def remove_cgroup_tree(path: str) -> None:
+    """rmdir every cgroup under path, leaves first (interface files go with their dir)."""
+    for dirpath, _, _ in os.walk(path, topdown=False):
+        rmdir_when_empty(dirpath)
+
+
+@pytest.fixture
+def test_root(mount: str) -> Iterator[str]:
+    """A fresh top-level cgroup, relative to the mount; removed with all it holds."""
+    name = f"podtap-test-{secrets.token_hex(6)}"
+    os.mkdir(os.path.join(mount, name))
+    try:
+        yield name
+    finally:
+        remove_cgroup_tree(os.path.join(mount, name))
+
+
+@pytest.fixture
+def make_cgroup(mount: str, test_root: str) -> Callable[[str], str]:
+    """Creates a cgroup (and its parents) under the test root; returns its absolute path."""
+
+    def make(relative: str) -> str:
+        path = os.path.join(mount, test_root, relative)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts child processes; kills and reaps them (by pid, they are ours) afterwards."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        child: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)
+        children.append(child)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+            for pipe in (child.stdin, child.stdout, child.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def move_into(cgroup_dir: str, pid: int) -> None:
+    with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+QOS = ["guaranteed", "burstable", "besteffort"]
+RUNTIMES = ["containerd", "cri-o", "docker"]
+
+
+def systemd_layout(qos: str, runtime: str, slice_prefix: str = "kubepods") -> str:
+    """Written out by hand, independently of candidate_paths."""
+    if qos == "guaranteed":
+        pod = f"{slice_prefix}.slice/{slice_prefix}-pod{UID_}.slice"
+    else:
+        pod = (
+            f"{slice_prefix}.slice/{slice_prefix}-{qos}.slice/{slice_prefix}-{qos}-pod{UID_}.slice"
+        )
+    return f"{pod}/{SCOPE_PREFIX[runtime]}-{CID}.scope"
+
+
+def cgroupfs_layout(qos: str, runtime: str) -> str:
+    pod = f"kubepods/pod{UID}" if qos == "guaranteed" else f"kubepods/{qos}/pod{UID}"
+    leaf = f"crio-{CID}" if runtime == "cri-o" else CID
+    return f"{pod}/{leaf}"
+
+
+def meta_for(qos: str, runtime: str) -> ContainerMeta:
+    return replace(META, qos_class=qos, runtime=runtime)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("qos", QOS)
+@pytest.mark.parametrize("driver", ["systemd", "cgroupfs"])
+def test_resolve_every_driver_qos_and_runtime(
+    mount: str,
+    test_root: str,
+    make_cgroup: Callable[[str], str],
+    driver: str,
+    qos: str,
+    runtime: str,
+) -> None:
+    layout = systemd_layout(qos, runtime) if driver == "systemd" else cgroupfs_layout(qos, runtime)
+    path = make_cgroup(layout)
+    meta = meta_for(qos, runtime)
+
+    resolved = resolve(meta, mount, roots=(test_root,))
+
+    assert resolved == (path, os.stat(path).st_ino)
+    assert scan_containers(mount, roots=(test_root,)) == {CID: resolved}
+    assert resolve(meta, mount, roots=(test_root,), index={CID: resolved}) == resolved
+
+
+@pytest.mark.parametrize("qos", QOS)
+def test_kubelet_reports_capitalized_qos(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str], qos: str
+) -> None:
+    path = make_cgroup(systemd_layout(qos, "containerd"))
+    reported = {"guaranteed": "Guaranteed", "burstable": "Burstable", "besteffort": "BestEffort"}
+    meta = replace(META, qos_class=reported[qos])
+    assert resolve(meta, mount, roots=(test_root,)) == (path, cgroup_id(path))
+
+
+def kernel_cgroup_id(path: str) -> int:
+    """The id the kernel gives the cgroup: the payload of its kernfs file handle (what
+    libbpf's selftests compare with bpf_get_current_cgroup_id())."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    handle = ctypes.create_string_buffer(8 + 8)
+    struct.pack_into("Ii", handle, 0, 8, 0)  # handle_bytes = 8, handle_type (out)
+    mount_id = ctypes.c_int()
+    at_fdcwd = -100
+    if libc.name_to_handle_at(at_fdcwd, path.encode(), handle, ctypes.byref(mount_id), 0):
+        raise OSError(ctypes.get_errno(), f"name_to_handle_at({path})")
+    kernfs_id: int = struct.unpack_from("Q", handle, 8)[0]
+    return kernfs_id
+
+
+def test_cgroup_id_is_the_kernels_cgroup_id(make_cgroup: Callable[[str], str]) -> None:
+    path = make_cgroup(cgroupfs_layout("besteffort", "containerd"))
+    assert cgroup_id(path) == os.stat(path).st_ino == kernel_cgroup_id(path)
+    assert cgroup_id(path) != cgroup_id(os.path.dirname(path))
+
+
+def test_crun_container_child_is_preferred(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    scope = make_cgroup(systemd_layout("burstable", "cri-o"))
+    child = make_cgroup(systemd_layout("burstable", "cri-o") + "/container")
+    meta = meta_for("burstable", "cri-o")
+
+    expected = (child, os.stat(child).st_ino)
+    assert resolve(meta, mount, roots=(test_root,)) == expected
+    assert scan_containers(mount, roots=(test_root,)) == {CID: expected}
+    assert expected[1] != os.stat(scope).st_ino
+
+
+def test_pod_cgroup_alone_does_not_resolve(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    for runtime in RUNTIMES:
+        meta = meta_for("burstable", runtime)
+        make_cgroup(os.path.dirname(systemd_layout("burstable", runtime)))
+        make_cgroup(os.path.dirname(cgroupfs_layout("burstable", runtime)))
+        assert resolve(meta, mount, roots=(test_root,)) is None
+    assert scan_containers(mount, roots=(test_root,)) == {}
+
+
+def test_conmon_cgroups_are_not_containers(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    pod_slice = os.path.dirname(systemd_layout("burstable", "cri-o"))
+    pod_dir = os.path.dirname(cgroupfs_layout("besteffort", "cri-o"))
+    make_cgroup(f"{pod_slice}/crio-conmon-{CID}.scope")
+    make_cgroup(f"{pod_dir}/crio-conmon-{CID}")
+    assert resolve(meta_for("burstable", "cri-o"), mount, roots=(test_root,)) is None
+    assert resolve(meta_for("besteffort", "cri-o"), mount, roots=(test_root,)) is None
+    assert scan_containers(mount, roots=(test_root,)) == {}
+
+
+def test_unknown_qos_and_runtime_still_resolve(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    path = make_cgroup(systemd_layout("besteffort", "cri-o"))
+    meta = replace(META, qos_class="", runtime="some-future-runtime")
+    assert resolve(meta, mount, roots=(test_root,)) == (path, cgroup_id(path))
+
+
+def test_nested_systemd_cgroup_root(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    # kubelet --cgroup-root=/kubelet.slice: slice names carry their parents' names.
+    layout = systemd_layout("burstable", "containerd", slice_prefix="kubelet-kubepods")
+    path = make_cgroup(f"kubelet.slice/{layout}")
+    roots = (test_root, f"{test_root}/kubelet.slice")
+
+    assert resolve(META, mount, roots=roots) == (path, cgroup_id(path))
+    assert scan_containers(mount, roots=roots) == {CID: (path, cgroup_id(path))}
+    assert resolve(META, mount, roots=(test_root,)) is None
+
+
+def test_nested_cgroupfs_cgroup_root(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    path = make_cgroup(f"node/{cgroupfs_layout('guaranteed', 'docker')}")
+    meta = meta_for("guaranteed", "docker")
+    assert resolve(meta, mount, roots=(f"/{test_root}/node/",)) == (path, cgroup_id(path))
+
+
+def test_scan_finds_many_containers_of_both_drivers(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    expected = {}
+    for i, (qos, runtime) in enumerate((q, r) for q in QOS for r in RUNTIMES):
+        cid = f"{i:02x}" * 32
+        uid = f"{i:08x}-0000-0000-0000-000000000000"
+        meta = replace(META, pod_uid=uid, container_id=cid, qos_class=qos, runtime=runtime)
+        systemd = i % 2 == 0
+        scope = f"{SCOPE_PREFIX[runtime]}-{cid}.scope"
+        leaf = f"crio-{cid}" if runtime == "cri-o" else cid
+        if systemd and qos == "guaranteed":
+            layout = f"kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/{scope}"
+        elif systemd:
+            layout = (
+                f"kubepods.slice/kubepods-{qos}.slice/"
+                f"kubepods-{qos}-pod{uid.replace('-', '_')}.slice/{scope}"
+            )
+        elif qos == "guaranteed":
+            layout = f"kubepods/pod{uid}/{leaf}"
+        else:
+            layout = f"kubepods/{qos}/pod{uid}/{leaf}"
+        path = make_cgroup(layout)
+        expected[cid] = (path, cgroup_id(path))
+        assert resolve(meta, mount, roots=(test_root,)) == expected[cid]
+    make_cgroup("kubepods.slice/kubepods-burstable.slice/not-a-pod.slice/" + "f" * 64)
+    make_cgroup("kubepods/burstable/podzz/" + "e" * 64)  # not a pod uid
+
+    assert scan_containers(mount, roots=(test_root,)) == expected
+
+
+def test_scan_of_missing_roots_is_empty(mount: str, test_root: str) -> None:
+    assert scan_containers(mount, roots=(test_root, f"{test_root}/nope")) == {}
+
+
+def test_resolve_falls_back_to_probing_on_index_miss(
+    mount: str, test_root: str, make_cgroup: Callable[[str], str]
+) -> None:
+    path = make_cgroup(cgroupfs_layout("burstable", "containerd"))
+    assert resolve(META, mount, roots=(test_root,), index={}) == (path, cgroup_id(path))
+
+
+# --- processes in a real cgroup ----------------------------------------------------------
+
+
+def pipe_ident(fd: int) -> FileIdent:
+    st = os.fstat(fd)
+    return FileIdent(dev=kernel_dev(st.st_dev), ino=st.st_ino)
+
+
+def test_first_pid_and_stream_idents_of_a_real_process(
+    make_cgroup: Callable[[str], str], spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    leaf = make_cgroup(cgroupfs_layout("besteffort", "containerd"))
+    assert first_pid(leaf) is None  # empty cgroup
+
+    first = spawn(["sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    second = spawn(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    move_into(leaf, second.pid)
+    move_into(leaf, first.pid)
+    assert first_pid(leaf) == min(first.pid, second.pid)
+
+    assert first.stdout is not None and first.stderr is not None
+    stdout, stderr = stream_idents(first.pid)
+    # A pipe's two ends share one inode: fstat of our read end names the child's write end.
+    assert stdout == pipe_ident(first.stdout.fileno())
+    assert stderr == pipe_ident(first.stderr.fileno())
+    assert stdout != stderr
+    assert stdout is not None and os.major(os.fstat(first.stdout.fileno()).st_dev) == 0
+    assert stdout.dev == os.minor(os.fstat(first.stdout.fileno()).st_dev)  # pipefs: 0:N
+
+    for child in (first, second):
+        child.kill()
+        child.wait()
+    assert first_pid(leaf) is None
+    assert stream_idents(first.pid) == (None, None)
+
+
+def wait_for_comm(pid: int, comm: str) -> None:
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/comm").read_text().strip() != comm:
+        assert time.monotonic() < deadline, f"pid {pid} never became {comm}"
+        time.sleep(0.01)
+
+
+def test_stream_idents_of_a_closed_stdout(spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    child = spawn(["sh", "-c", "exec 1>&-; exec sleep 30"], stderr=subprocess.PIPE)
+    wait_for_comm(child.pid, "sleep")
+    assert child.stderr is not None
+    assert stream_idents(child.pid) == (None, pipe_ident(child.stderr.fileno()))
+
+
+def test_first_pid_of_a_vanished_cgroup(tmp_path: Path) -> None:
+    assert first_pid(str(tmp_path / "gone")) is None
+
+
+def test_first_pid_picks_the_lowest(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.procs").write_text("4242\n17\n999\n")
+    assert first_pid(str(tmp_path)) == 17
+    (tmp_path / "cgroup.procs").write_text("")
+    assert first_pid(str(tmp_path)) is None
+
+
+def test_stream_idents_under_another_proc_root(tmp_path: Path) -> None:
+    target = tmp_path / "log"
+    target.write_text("")
+    fd_dir = tmp_path / "proc" / "77" / "fd"
+    fd_dir.mkdir(parents=True)
+    (fd_dir / "2").symlink_to(target)
+    st = target.stat()
+    assert stream_idents(77, proc_root=str(tmp_path / "proc")) == (
+        None,
+        FileIdent(dev=kernel_dev(st.st_dev), ino=st.st_ino),
+    )
+    assert stream_idents(78, proc_root=str(tmp_path / "proc")) == (None, None)
+
+
+@pytest.mark.parametrize(("major", "minor"), [(0, 13), (8, 1), (259, 0xFFFFF), (4095, 0)])
+def test_kernel_dev_encoding(major: int, minor: int) -> None:
+    assert kernel_dev(os.makedev(major, minor)) == (major << 20) | minor
+
+
+# --- candidate paths (no cgroups needed) -------------------------------------------------
+
+
+def test_candidates_systemd_then_cgroupfs() -> None:
+    pod_slice = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice"
+    assert candidate_paths(META) == [
+        f"{pod_slice}/cri-containerd-{CID}.scope/container",
+        f"{pod_slice}/cri-containerd-{CID}.scope",
+        f"kubepods/burstable/pod{UID}/{CID}",
+    ]
+
+
+def test_candidates_for_every_root_in_order() -> None:
+    paths = candidate_paths(META, roots=("", "kubelet.slice", "/custom/"))
+    assert [p.split("/")[0] for p in paths] == [
+        "kubepods.slice",
+        "kubepods.slice",
+        "kubepods",
+        "kubelet.slice",
+        "kubelet.slice",
+        "kubelet.slice",
+        "custom",
+        "custom",
+        "custom",
+    ]
+    assert paths[3].startswith("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.")
+    assert paths[5] == f"kubelet.slice/kubepods/burstable/pod{UID}/{CID}"
+
+
+def test_candidates_never_name_a_pod_cgroup() -> None:
+    for qos in ["", *QOS]:
+        for runtime in ["", *RUNTIMES]:
+            for path in candidate_paths(replace(META, qos_class=qos, runtime=runtime)):
+                assert CID in path
+                assert path.endswith(("/container", ".scope", CID))
+
+
+def test_candidates_need_ids() -> None:
+    assert candidate_paths(replace(META, container_id="")) == []
+    assert candidate_paths(replace(META, pod_uid="")) == []
+
+
+# --- mountinfo -----------------------------------------------------------------------------
+
+PURE_V2 = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+25 22 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+26 25 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:8 - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 master:2 - cgroup2 cgroup2 rw
+"""
+
+V1_ONLY = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+"""
+
+
+def write_mountinfo(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "mountinfo"
+    path.write_text(text)
+    return str(path)
+
+
+def make_cgroup2_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cgroup.controllers").write_text("cpu memory\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "where"), [(PURE_V2, "sys/fs/cgroup"), (HYBRID, "sys/fs/cgroup/unified")]
+)
+def test_mountinfo_pure_and_hybrid(tmp_path: Path, text: str, where: str) -> None:
+    host = tmp_path / "host"
+    expected = make_cgroup2_dir(host / where)
+    mountinfo = write_mountinfo(tmp_path, text)
+    assert find_cgroup2_mount(mountinfo, host_root=str(host)) == str(expected)
+
+
+def test_mountinfo_without_cgroup2(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match="no cgroup2 mount"):
+        find_cgroup2_mount(write_mountinfo(tmp_path, V1_ONLY))
+
+
+def test_mountinfo_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match="cannot read"):
+        find_cgroup2_mount(str(tmp_path / "missing"))
+
+
+def test_mountinfo_cgroup2_not_visible_here(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match="not readable here"):
+        find_cgroup2_mount(write_mountinfo(tmp_path, PURE_V2), host_root=str(tmp_path / "x"))
+
+
+def test_own_mountinfo_prefers_the_hosts_cgroup_fs_mounted_into_the_pod(tmp_path: Path) -> None:
+    # In the pod: its own (cgroup-namespaced) /sys/fs/cgroup, and the host's under /host.
+    host = tmp_path / "host"
+    hosts = make_cgroup2_dir(host / "sys/fs/cgroup")
+    text = (
+        "26 25 0:23 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup ro\n"
+        f"90 80 0:23 /../../.. {hosts} rw,relatime - cgroup2 cgroup2 rw\n"
+    )
+    assert find_cgroup2_mount(write_mountinfo(tmp_path, text), str(host)) == str(hosts)
+
+
+def test_hosts_mountinfo_paths_are_prefixed_with_host_root(tmp_path: Path) -> None:
+    # /host/proc/1/mountinfo lists host paths.
+    host = tmp_path / "host"
+    expected = make_cgroup2_dir(host / "sys/fs/cgroup")
+    assert find_cgroup2_mount(write_mountinfo(tmp_path, PURE_V2), str(host)) == str(expected)
+
+
+def test_usual_location_wins_over_other_cgroup2_mounts(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    make_cgroup2_dir(host / "run/other")
+    expected = make_cgroup2_dir(host / "sys/fs/cgroup")
+    text = "50 22 0:40 / /run/other rw - cgroup2 none rw\n" + PURE_V2
+    assert find_cgroup2_mount(write_mountinfo(tmp_path, text), str(host)) == str(expected)
+
+
+def test_mountinfo_escaped_mount_point(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    expected = make_cgroup2_dir(host / "mnt/my cgroup")
+    text = "50 22 0:40 / /mnt/my\\040cgroup rw shared:3 - cgroup2 none rw\n"
+    assert find_cgroup2_mount(write_mountinfo(tmp_path, text), str(host)) == str(expected)
+
+
+def test_real_mount_is_a_cgroup2_root(mount: str) -> None:
+    assert os.path.exists(os.path.join(mount, "cgroup.controllers"))
