@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -82,6 +83,35 @@ def resolve_targets(
         cgid = os.stat(directory).st_ino
         targets.setdefault(cgid, TapTarget(directory, cgid))
     return list(targets.values())
+
+
+def write_all(out: BinaryIO, data: bytes) -> None:
+    """Write every byte: a raw (unbuffered, e.g. PYTHONUNBUFFERED) stream returns short
+    counts when a signal interrupts a pipe write, and BinaryIO.write may do just that."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        if n is None:  # a non-blocking stream that is full: wait until it takes more
+            select.select([], [out], [])
+            continue
+        view = view[n:]
+    out.flush()
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set `stop`.
+
+    Not loop.add_signal_handler: asyncio passes signals as bytes through its
+    self-pipe, which call_soon_threadsafe (one per drained batch) also writes
+    to; a signal arriving while that pipe is full is lost.  A Python-level
+    handler runs from the interpreter's own pending-signal flag instead.
+    """
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
 
 
 class TextFormatter:
@@ -219,8 +249,7 @@ class TapPipeline:
         if not lines or self.output_broken:
             return
         try:
-            self.out.write(self.format(lines))
-            self.out.flush()
+            write_all(self.out, self.format(lines))
         except BrokenPipeError:
             self.output_broken = True
             self._stop.set()
@@ -239,8 +268,7 @@ class TapPipeline:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+        install_stop_signals(loop, self._stop)
         await loop.run_in_executor(None, self.probe.load)
         source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
         try:

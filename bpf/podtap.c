@@ -11,7 +11,8 @@
  * (agent/capture/btf.py): no layout is taken from the headers bcc compiles
  * against.  Defines supplied by the agent: OFF_*, MAX_WRITE, CHUNK (power of
  * two), MAX_ITERS, NCPUS, RINGBUF_PAGES, MAX_CONTAINERS, SELF_TGID and,
- * optionally, PODS_ROOT_ID / PODS_ROOT_LEVEL.
+ * optionally, PODS_ROOT_ID / PODS_ROOT_LEVEL with the offsets of the
+ * cgroup_mkdir tracepoint's fields (TP_MKDIR_*, read from its tracefs format).
  */
 #include "podtap.h"
 
@@ -428,7 +429,7 @@ int on_process_exit(void *ctx)
     lost.delete(&tgid);
     struct event_hdr *e = events.ringbuf_reserve(sizeof(struct event_hdr));
     if (!e) {
-        count(CNT_DROP_RECORDS, 1);
+        count(CNT_DROP_EXITS, 1);
         return 0;
     }
     e->ts_ns = bpf_ktime_get_boot_ns();
@@ -444,3 +445,37 @@ int on_process_exit(void *ctx)
     count(CNT_EXITS, 1);
     return 0;
 }
+
+#ifdef PODS_ROOT_ID
+/* cgroup:cgroup_mkdir.  A container's cgroup may be gone (runc removes it at
+ * exit) before the agent asks the kubelet about it: its path, which names the
+ * container, is sent when it is created.  Only cgroup v2 (hierarchy 0), only
+ * below the pods' root level; the agent filters by path. */
+int on_cgroup_mkdir(void *ctx)
+{
+    int root = *(int *)((char *)ctx + TP_MKDIR_ROOT);
+    int level = *(int *)((char *)ctx + TP_MKDIR_LEVEL);
+    if (root != 0 || level <= PODS_ROOT_LEVEL)
+        return 0;
+    u64 id = *(u64 *)((char *)ctx + TP_MKDIR_ID);
+    u32 loc = *(u32 *)((char *)ctx + TP_MKDIR_PATH);
+    struct event_hdr *e = events.ringbuf_reserve(EVENT_HDR_SIZE + CGROUP_PATH_MAX);
+    if (!e) {
+        count(CNT_DROP_CGROUPS, 1);
+        return 0;
+    }
+    char *path = (char *)e + EVENT_HDR_SIZE;
+    long n = bpf_probe_read_kernel_str(path, CGROUP_PATH_MAX, (char *)ctx + (loc & 0xffff));
+    e->ts_ns = bpf_ktime_get_boot_ns();
+    e->cgroup_id = id;
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    e->tid = (u32)bpf_get_current_pid_tgid();
+    e->len = n > 0 ? n - 1 : 0; /* without the NUL */
+    e->type = EV_CGROUP;
+    e->stream = 0;
+    e->flags = 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+#endif

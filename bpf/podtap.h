@@ -9,6 +9,7 @@
 /* Record types (event_hdr.type). */
 #define EV_DATA 1 /* bytes a watched process wrote to its stdout/stderr */
 #define EV_EXIT 2 /* the process (thread group) exited: flush its partial lines */
+#define EV_CGROUP 3 /* a cgroup v2 directory was created under the pods' subtree; data = its path */
 
 /* Streams (event_hdr.stream). */
 #define STREAM_STDOUT 1
@@ -39,9 +40,13 @@
 #define CNT_UNKNOWN_RECORDS 9 /* records of cgroups under the pods' subtree not in the map */
 #define CNT_WRITES 10        /* write calls to a watched stream that returned > 0 */
 #define CNT_EXITS 11         /* exit records put in the ring buffer */
-#define NCOUNTERS 12
+#define CNT_DROP_EXITS 12    /* exit records lost: ring buffer full (partial lines then wait for the idle flush) */
+
+#define CNT_DROP_CGROUPS 13  /* cgroup-creation records lost: ring buffer full */
+#define NCOUNTERS 14
 
 #define EVENT_HDR_SIZE 48
+#define CGROUP_PATH_MAX 512
 #define COMM_LEN 16
 
 struct event_hdr {

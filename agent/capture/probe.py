@@ -42,6 +42,9 @@ SOCKET_EXIT_PROGRAMS = (
     ("syscalls:sys_exit_sendmsg", "exit_any"),
 )
 PROCESS_EXIT_PROGRAM = ("sched:sched_process_exit", "on_process_exit")
+CGROUP_MKDIR_PROGRAM = ("cgroup:cgroup_mkdir", "on_cgroup_mkdir")
+MKDIR_FIELDS = {"root": "TP_MKDIR_ROOT", "level": "TP_MKDIR_LEVEL", "id": "TP_MKDIR_ID",
+                "path": "TP_MKDIR_PATH"}
 ENTER_PROGRAMS = (
     ("syscalls:sys_enter_write", "enter_write"),
     ("syscalls:sys_enter_writev", "enter_writev"),
@@ -64,6 +67,7 @@ REQUIRED_TRACEPOINTS = frozenset(
         "syscalls:sys_enter_writev",
         "syscalls:sys_exit_writev",
         "sched:sched_process_exit",
+        "cgroup:cgroup_mkdir",
     }
 )
 
@@ -78,6 +82,19 @@ class PodsRoot:
 
     cgroup_id: int
     level: int  # depth below the cgroup v2 root (the root is level 0)
+
+
+def tracepoint_offsets(tracefs: str, category: str, event: str) -> dict[str, int]:
+    """Field name -> offset, from the tracepoint's tracefs `format` file."""
+    path = os.path.join(tracefs, "events", category, event, "format")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ProbeError(f"cannot read {path}: {e.strerror}") from e
+    fields = {}
+    for m in re.finditer(r"field:([^;]*?)\s*(\w+)(?:\[\])?;\s*offset:(\d+);", text):
+        fields[m.group(2)] = int(m.group(3))
+    return fields
 
 
 def bpf_dir() -> Path:
@@ -162,7 +179,18 @@ class Probe:
                 f"-DPODS_ROOT_ID={self.pods_root.cgroup_id}ULL",
                 f"-DPODS_ROOT_LEVEL={self.pods_root.level}",
             ]
+            flags += [f"-D{define}={off}" for define, off in self._mkdir_offsets().items()]
         return flags
+
+    def _mkdir_offsets(self) -> dict[str, int]:
+        tracefs = tracefs_dir()
+        if tracefs is None:
+            raise HostError("tracefs is not mounted")
+        fields = tracepoint_offsets(tracefs, "cgroup", "cgroup_mkdir")
+        missing = [name for name in MKDIR_FIELDS if name not in fields]
+        if missing:
+            raise ProbeError(f"cgroup:cgroup_mkdir has no field(s) {', '.join(missing)}")
+        return {define: fields[name] for name, define in MKDIR_FIELDS.items()}
 
     def load(self) -> None:
         """Compile and load the program; nothing is attached yet."""
@@ -191,6 +219,8 @@ class Probe:
         if self.cfg.socket_syscalls:
             pairs += SOCKET_EXIT_PROGRAMS
         pairs.append(PROCESS_EXIT_PROGRAM)
+        if self.pods_root is not None:
+            pairs.append(CGROUP_MKDIR_PROGRAM)
         pairs += ENTER_PROGRAMS
         if self.cfg.socket_syscalls:
             pairs += SOCKET_ENTER_PROGRAMS
