@@ -62,9 +62,86 @@ class LinesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubeConfig:
+    kubelet_url: str = ""  # "" = https://$NODE_IP:10250
+    token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    ca_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    insecure_skip_verify: bool = False
+    timeout_s: float = 5.0
+    retries: int = 3
+    node_name: str = ""  # "" = $NODE_NAME, else the host name
+    poll_interval_s: float = 10.0
+    repoll_min_interval_ms: int = 200  # the fastest re-poll when an unknown container writes
+    cgroup_roots: tuple[str, ...] = ("",)  # parents of kubepods(.slice), relative to the mount
+    pods_cgroup: str = ""  # the pods' subtree (relative); "" = kubepods.slice or kubepods
+    host_root: str = "/"  # where the host's / is seen (cgroup mount detection)
+    proc_root: str = "/proc"  # the host's /proc (hostPID)
+    deleted_grace_s: float = 60.0  # metadata of a gone container is kept this long
+    hold_max_bytes: int = 16 << 20  # lines of not-yet-known containers kept, at most
+    hold_timeout_s: float = 30.0  # then they are dropped (and counted)
+
+    def validate(self) -> None:
+        if self.kubelet_url:
+            _require(self.kubelet_url.startswith("https://"), "kube.kubelet_url", "https://…")
+        _require(self.timeout_s > 0, "kube.timeout_s", "> 0")
+        _require(self.retries >= 0, "kube.retries", ">= 0")
+        _require(self.poll_interval_s > 0, "kube.poll_interval_s", "> 0")
+        _require(self.repoll_min_interval_ms >= 10, "kube.repoll_min_interval_ms", ">= 10")
+        _require(self.deleted_grace_s >= 0, "kube.deleted_grace_s", ">= 0")
+        _require(self.hold_max_bytes >= 0, "kube.hold_max_bytes", ">= 0")
+        _require(self.hold_timeout_s > 0, "kube.hold_timeout_s", "> 0")
+        _require(bool(self.cgroup_roots), "kube.cgroup_roots", "a non-empty list")
+
+
+@dataclass(frozen=True, slots=True)
+class FiltersConfig:
+    """Which containers and streams are captured (see agent/kube/filters.py)."""
+
+    include_namespaces: tuple[str, ...] = ()
+    exclude_namespaces: tuple[str, ...] = ()
+    include_pod_labels: str = ""
+    exclude_pod_labels: str = ""
+    stdout: bool = True
+    stderr: bool = True
+
+    def validate(self) -> None:
+        from agent.kube.filters import FilterConfig, FilterError
+
+        try:
+            FilterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        except FilterError as e:
+            raise ConfigError(f"filters: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsConfig:
+    schema: str = "fluentbit"  # or "otel"
+    dedot_labels: bool | None = None  # None = on for Elasticsearch sinks, else off
+    include_annotations: bool = False
+    time_key: str = "time"
+    timestamp_key_es: bool = False
+
+    def validate(self) -> None:
+        _require(self.schema in ("fluentbit", "otel"), "records.schema", "fluentbit or otel")
+        _require(bool(self.time_key), "records.time_key", "a non-empty string")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    kind: str = "stdout"
+
+    def validate(self) -> None:
+        _require(self.kind in ("stdout",), "sink.kind", "stdout (the only sink so far)")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     lines: LinesConfig = field(default_factory=LinesConfig)
+    kube: KubeConfig = field(default_factory=KubeConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

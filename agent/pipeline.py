@@ -3,7 +3,10 @@
     capture (probe, ring drain) -> lines (per pid/stream) -> records (JSON bytes) -> output
 
 `TapPipeline` is `podtap tap`: containers named on the command line, lines to
-stdout.  Start order: load the program, fill the containers map, start the
+stdout.  `AgentPipeline` is `podtap run`: containers discovered from the
+kubelet, lines enriched with pod metadata, records to a sink.
+
+Start order: load the program, fill the containers map, start the
 drain, attach (exits before enters).  Stop order: detach, drain what is left
 in the ring, flush every partial line, report counters.
 """
@@ -12,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from agent.capture.events import (
+    EV_CGROUP,
     EV_DATA,
     EV_EXIT,
     F_LOSS,
@@ -31,13 +37,18 @@ from agent.capture.events import (
     boottime_ns,
     comm_str,
 )
-from agent.capture.probe import Probe
+from agent.capture.probe import PodsRoot, Probe
 from agent.capture.source import CaptureSource
-from agent.config import Config
+from agent.config import Config, KubeConfig
+from agent.enrich import Enricher
 from agent.kube.cgroups import find_cgroup2_mount, first_pid, stream_idents
+from agent.kube.discovery import Discovery
+from agent.kube.filters import FilterConfig
+from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
 from agent.lines import Line, LineAssembler
-from agent.records import encode_tap_line
+from agent.records import RecordFormat, encode_tap_line
+from agent.sinks.stdout import StdoutSink
 
 log = logging.getLogger("podtap")
 
@@ -83,19 +94,6 @@ def resolve_targets(
         cgid = os.stat(directory).st_ino
         targets.setdefault(cgid, TapTarget(directory, cgid))
     return list(targets.values())
-
-
-def write_all(out: BinaryIO, data: bytes) -> None:
-    """Write every byte: a raw (unbuffered, e.g. PYTHONUNBUFFERED) stream returns short
-    counts when a signal interrupts a pipe write, and BinaryIO.write may do just that."""
-    view = memoryview(data)
-    while view:
-        n = out.write(view)
-        if n is None:  # a non-blocking stream that is full: wait until it takes more
-            select.select([], [out], [])
-            continue
-        view = view[n:]
-    out.flush()
 
 
 def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -153,7 +151,8 @@ class JsonFormatter:
 class LineStage:
     """Records -> lines: feeds the assembler, flushes on exit, loss and idleness."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, on_cgroup: Callable[[int, str], None] | None = None) -> None:
+        self.on_cgroup = on_cgroup
         self.assembler = LineAssembler(
             max_line=cfg.lines.max_line,
             idle_timeout_ns=cfg.lines.idle_flush_ms * 1_000_000,
@@ -173,6 +172,8 @@ class LineStage:
                 feed(pid, stream, ts, (cgroup_id, comm), data, out)
             elif typ == EV_EXIT:
                 asm.end_process(pid, out)
+            elif typ == EV_CGROUP and self.on_cgroup is not None:
+                self.on_cgroup(cgroup_id, data.decode("utf-8", "replace"))
         return self._counted(out)
 
     def flush_idle(self) -> list[Line]:
@@ -218,7 +219,7 @@ class TapPipeline:
         )
         self._idents: dict[int, tuple[FileIdent, FileIdent] | None] = {}
         self._stop = asyncio.Event()
-        self.output_broken = False
+        self.sink = StdoutSink(out)
 
     def _say(self, text: str) -> None:
         self.err.write(f"podtap: {text}\n".encode())
@@ -246,12 +247,10 @@ class TapPipeline:
             self.probe.watch(target.cgroup_id, out, err, self.capture_stdout, self.capture_stderr)
 
     def _write(self, lines: list[Line]) -> None:
-        if not lines or self.output_broken:
+        if not lines or self.sink.broken:
             return
-        try:
-            write_all(self.out, self.format(lines))
-        except BrokenPipeError:
-            self.output_broken = True
+        self.sink.write(self.format(lines))
+        if self.sink.broken:
             self._stop.set()
 
     async def _housekeeping(self) -> None:
@@ -305,3 +304,175 @@ class TapPipeline:
             f"uncapturable_calls={counters.get('uncapt_calls', 0)} "
             f"fault_bytes={counters.get('fault_bytes', 0)}"
         )
+
+
+def find_pods_cgroup(mount: str, cfg: KubeConfig) -> str | None:
+    """The pods' subtree, relative to the cgroup v2 mount: configured, or the single
+    configured root, or the kubepods(.slice) directory that exists."""
+    if cfg.pods_cgroup:
+        return cfg.pods_cgroup.strip("/")
+    roots = [r.strip("/") for r in cfg.cgroup_roots]
+    if len(roots) == 1 and roots[0]:
+        return roots[0]
+    for root in roots:
+        for name in ("kubepods.slice", "kubepods"):
+            rel = os.path.join(root, name)
+            if os.path.isdir(os.path.join(mount, rel)):
+                return rel
+    return None
+
+
+def kubelet_config(cfg: KubeConfig) -> KubeletConfig:
+    base = KubeletConfig.in_cluster() if not cfg.kubelet_url else KubeletConfig(
+        url=cfg.kubelet_url, token_path=cfg.token_path, ca_path=cfg.ca_path
+    )
+    return dataclasses.replace(
+        base,
+        token_path=cfg.token_path,
+        ca_path=cfg.ca_path,
+        insecure_skip_verify=cfg.insecure_skip_verify,
+        timeout_s=cfg.timeout_s,
+        retries=cfg.retries,
+    )
+
+
+def record_format(cfg: Config) -> RecordFormat:
+    r = cfg.records
+    return RecordFormat(
+        schema=r.schema,  # type: ignore[arg-type]  # validated by RecordsConfig
+        dedot_labels=bool(r.dedot_labels),
+        include_annotations=r.include_annotations,
+        time_key=r.time_key,
+        timestamp_key_es=r.timestamp_key_es,
+    )
+
+
+class AgentPipeline:
+    """`podtap run`: kubelet discovery, capture, lines, enrichment, sink."""
+
+    HOUSEKEEPING_S = 0.1
+    STATS_EVERY_S = 60.0
+
+    def __init__(self, cfg: Config, out: BinaryIO | None = None) -> None:
+        self.cfg = cfg
+        kube = cfg.kube
+        self.mount = find_cgroup2_mount(host_root=kube.host_root)
+        pods_rel = find_pods_cgroup(self.mount, kube)
+        pods_root = None
+        if pods_rel is None:
+            log.warning(
+                "no kubepods cgroup under %s: first lines of new containers are only "
+                "captured once the kubelet reports them", self.mount,
+            )
+        else:
+            pods_dir = os.path.join(self.mount, pods_rel)
+            pods_root = PodsRoot(os.stat(pods_dir).st_ino, len(Path(pods_rel).parts))
+        self.probe = Probe(cfg.capture, pods_root)
+        self.client = KubeletClient(kubelet_config(kube))
+        filters = FilterConfig(
+            **{f.name: getattr(cfg.filters, f.name) for f in dataclasses.fields(cfg.filters)}
+        )
+        host = kube.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+        self.discovery = Discovery(
+            kube, filters, self.client, self.probe, self.mount, host, "/" + (pods_rel or "")
+        )
+        self.lines = LineStage(cfg, on_cgroup=self.discovery.on_cgroup_created)
+        self.enricher = Enricher(
+            self.discovery.lookup,
+            record_format(cfg),
+            boot_to_realtime_offset_ns(),
+            kube.hold_max_bytes,
+            int(kube.hold_timeout_s * 1e9),
+            self.discovery.request_poll,
+        )
+        self.discovery.on_forget = self.enricher.forget
+        self.discovery.wants_repoll = lambda: self.enricher.holding
+        self.sink = StdoutSink(out if out is not None else sys.stdout.buffer)
+        self._stop = asyncio.Event()
+
+    def _ship(self, lines: list[Line]) -> None:
+        out: list[bytes] = []
+        self.enricher.process(lines, out)
+        self.sink.send(out)
+
+    async def _consume(self, source: CaptureSource) -> None:
+        async for records in source.batches():
+            self._ship(self.lines.process(records))
+
+    async def _housekeeping(self) -> None:
+        next_stats = time.monotonic() + self.STATS_EVERY_S
+        while True:
+            await asyncio.sleep(self.HOUSEKEEPING_S)
+            self._ship(self.lines.flush_idle())
+            out: list[bytes] = []
+            self.enricher.release(boottime_ns(), out)
+            self.sink.send(out)
+            if time.monotonic() >= next_stats:
+                next_stats += self.STATS_EVERY_S
+                log.info("stats %s", self.stats())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        install_stop_signals(loop, self._stop)
+        await loop.run_in_executor(None, self.probe.load)
+        source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            # Known containers go in the map (with their stream identities) before
+            # the probes are attached; a kubelet that is down is not fatal.
+            await self.discovery.poll()
+            source.start()
+            self.probe.attach()
+            log.info("capturing: %d containers known", len(self.discovery.known))
+            consumer = asyncio.create_task(self._consume(source), name="agent-consume")
+            tasks = [
+                asyncio.create_task(self.discovery.run(), name="agent-discovery"),
+                asyncio.create_task(self._housekeeping(), name="agent-housekeeping"),
+            ]
+            stop = asyncio.create_task(self._stop.wait(), name="agent-stop")
+            await asyncio.wait({consumer, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (*tasks, stop):
+                task.cancel()
+            await asyncio.gather(*tasks, stop, return_exceptions=True)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("task %s failed", task.get_name(), exc_info=task.exception())
+            source.stop()
+            await consumer
+            await self._final_flush()
+        finally:
+            counters = self.probe.counters() if self.probe.loaded else {}
+            source.close()
+            await self.client.close()
+        log.info("stopped: %s", self.stats(counters))
+        return 0
+
+    async def _final_flush(self) -> None:
+        self._ship(self.lines.flush_all())
+        if self.enricher.holding:
+            await self.discovery.poll()
+        out: list[bytes] = []
+        self.enricher.release(boottime_ns(), out, final=True)
+        self.sink.send(out)
+
+    def stats(self, counters: dict[str, int] | None = None) -> dict[str, object]:
+        counters = counters if counters is not None else self.probe.counters()
+        e, d = self.enricher.stats, self.discovery.stats
+        return {
+            **{f"kernel_{k}": v for k, v in counters.items()},
+            "lines": self.lines.lines,
+            "records": e.records,
+            "held_lines": e.held_lines,
+            "released_lines": e.released_lines,
+            "dropped_hold_full": e.dropped_hold_full,
+            "dropped_unresolved": e.dropped_unresolved,
+            "excluded_lines": e.excluded_lines,
+            "kubelet_polls": d.polls,
+            "kubelet_errors": d.poll_errors,
+            "containers_watched": d.watched,
+            "containers_excluded": d.excluded,
+        }
+
+
+async def run_agent(cfg: Config) -> int:
+    return await AgentPipeline(cfg).run()

@@ -1,17 +1,20 @@
 /* podtap — capture what watched containers write to their stdout/stderr.
  *
- * Attached to syscall tracepoints only (no kprobes).  At sys_enter_* the
- * writer is filtered by cgroup id (one map lookup for everything else), the
- * file behind the fd is compared with the container's stdout/stderr file, and
- * the buffer pointers are stashed per thread.  At sys_exit_* exactly the bytes
- * the kernel accepted (the return value) are copied into the ring buffer, in
+ * Attached to syscall exit tracepoints only (no kprobes, no enter programs:
+ * each attached tracepoint costs every write on the node).  At sys_exit_* a
+ * failed call or a writer outside the watched cgroups returns after one map
+ * lookup; otherwise the syscall's arguments are read from the task's saved
+ * registers (still intact at syscall exit), the file behind the fd is compared
+ * with the container's stdout/stderr file, and exactly the bytes the kernel
+ * accepted (the return value) are copied into the ring buffer, in
  * variable-size records of at most CHUNK bytes.
  *
  * Kernel struct offsets come from the running kernel's BTF as -D defines
  * (agent/capture/btf.py): no layout is taken from the headers bcc compiles
  * against.  Defines supplied by the agent: OFF_*, MAX_WRITE, CHUNK (power of
  * two), MAX_ITERS, NCPUS, RINGBUF_PAGES, MAX_CONTAINERS, SELF_TGID and,
- * optionally, PODS_ROOT_ID / PODS_ROOT_LEVEL with the offsets of the
+ * OFF_ARG0..2 (syscall arguments in struct pt_regs), and optionally
+ * PODS_ROOT_ID / PODS_ROOT_LEVEL with the offsets of the
  * cgroup_mkdir tracepoint's fields (TP_MKDIR_*, read from its tracefs format).
  */
 #include "podtap.h"
@@ -19,13 +22,6 @@
 #define K_WRITE 1  /* one buffer: ptr, count */
 #define K_VEC 2    /* an iovec array: ptr, vlen */
 #define K_UNCAPT 3 /* data moved in the kernel: only the byte count is known */
-
-struct sys_enter_ctx {
-    u64 common;
-    s32 nr;
-    u32 pad;
-    u64 args[6];
-};
 
 struct sys_exit_ctx {
     u64 common;
@@ -66,7 +62,6 @@ struct copy_state {
 };
 
 BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
-BPF_TABLE("lru_hash", u64, struct pending, stash, 16384);
 BPF_TABLE("lru_hash", u32, u8, lost, 16384);
 BPF_ARRAY(scratch, struct copy_state, NCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
@@ -125,9 +120,10 @@ static __always_inline u8 stream_by_fd(u64 fd)
     return 0;
 }
 
-/* Which watched stream, if any, `fd` of the current task writes to.
- * Returns 0 when the write is not container output. */
-static __always_inline u8 classify(u64 fd, u64 *cgid, u8 *flags)
+/* The current task's container, if it is watched: *cflags gets its flags
+ * (F_UNKNOWN alone for a cgroup under the pods' subtree not in the map yet).
+ * This is the only work done for every other write on the node. */
+static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct container **cp)
 {
     *cgid = bpf_get_current_cgroup_id();
     struct container *c = containers.lookup(cgid);
@@ -138,19 +134,28 @@ static __always_inline u8 classify(u64 fd, u64 *cgid, u8 *flags)
             return 0;
         if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
             return 0;
-        *flags = F_FD_FALLBACK | F_UNKNOWN;
-        return stream_by_fd(fd);
+        *cflags = C_CAPTURE_STDOUT | C_CAPTURE_STDERR;
+        *cp = 0;
+        return 1;
 #else
         return 0;
 #endif
     }
-    u32 cflags = c->flags;
-    if (!(cflags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR)))
+    if (!(c->flags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR)))
         return 0; /* excluded container */
     if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
         return 0;
+    *cflags = c->flags;
+    *cp = c;
+    return 1;
+}
+
+/* Which stream of the container `fd` writes to (0: none).  By file identity when
+ * the container's stdout/stderr are known, else by fd number (flagged). */
+static __always_inline u8 stream_of(struct container *c, u32 cflags, u64 fd, u8 *flags)
+{
     u8 stream = 0;
-    if (cflags & C_IDENT_KNOWN) {
+    if (c && (cflags & C_IDENT_KNOWN)) {
         u32 dev = 0;
         u64 ino = 0;
         if (fd_ident(fd, &dev, &ino))
@@ -161,7 +166,7 @@ static __always_inline u8 classify(u64 fd, u64 *cgid, u8 *flags)
             stream = STREAM_STDERR;
     } else {
         stream = stream_by_fd(fd);
-        *flags = F_FD_FALLBACK;
+        *flags = c ? F_FD_FALLBACK : F_FD_FALLBACK | F_UNKNOWN;
     }
     if (stream == STREAM_STDOUT && !(cflags & C_CAPTURE_STDOUT))
         return 0;
@@ -170,24 +175,17 @@ static __always_inline u8 classify(u64 fd, u64 *cgid, u8 *flags)
     return stream;
 }
 
-static __always_inline int stash_call(u64 fd, u64 ptr, u64 vlen, u8 kind)
+/* A syscall argument, from the registers saved at syscall entry. */
+static __always_inline u64 syscall_arg(void *regs, u32 off)
 {
-    u64 cgid = 0;
-    u8 flags = 0;
-    u8 stream = classify(fd, &cgid, &flags);
-    if (!stream)
-        return 0;
-    struct pending p = {};
-    p.cgroup_id = cgid;
-    p.ptr = ptr;
-    p.vlen = vlen;
-    p.kind = kind;
-    p.stream = stream;
-    p.flags = flags;
-    u64 id = bpf_get_current_pid_tgid();
-    if (stash.update(&id, &p))
-        count(CNT_STASH_FULL, 1);
-    return 0;
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)regs + off);
+    return v;
+}
+
+static __always_inline void *current_regs(void)
+{
+    return (void *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
 }
 
 /* Send data[0..fill) as one record. */
@@ -274,7 +272,7 @@ static __always_inline void finish_write(struct copy_state *st)
         send_chunk(st);
 }
 
-/* Copy the first `ret` bytes of the stashed buffer(s) into the ring buffer. */
+/* Copy the first `ret` bytes of the call's buffer(s) into the ring buffer. */
 static __always_inline int emit(void *ctx, struct pending *p, s64 ret)
 {
     u32 cpu = bpf_get_smp_processor_id();
@@ -316,33 +314,56 @@ static __always_inline int emit(void *ctx, struct pending *p, s64 ret)
         count(CNT_UNKNOWN_RECORDS, 1);
 
     st->missing = total - limit;
-    copy_loop(st);
-    if (copy_unfinished(st))
-        tails.call(ctx, 0);
-    finish_write(st);
+    /* The copy loop lives in one program (verified once), reached by tail call. */
+    tails.call(ctx, 0);
+    count(CNT_FAULT_BYTES, limit); /* only if the tail call failed */
     return 0;
 }
 
-static __always_inline int on_exit(void *ctx, s64 ret)
+#define ARG_NONE 255
+#define ARG_MSGHDR 254 /* sendmsg: the buffers are the iovecs of the msghdr in arg 1 */
+
+/* A write-like call returned `ret` > 0: capture it if it went to a watched
+ * stream.  fd_arg / ptr_arg / vlen_arg say which syscall argument is which
+ * (constants: the branches fold away in each program). */
+static __always_inline int capture(void *ctx, s64 ret, u8 kind, u32 fd_arg, u32 ptr_arg,
+                                   u32 vlen_arg)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    struct pending *pp = stash.lookup(&id);
-    if (!pp)
+    u64 cgid = 0;
+    u32 cflags = 0;
+    struct container *c = 0;
+    if (!writer_watched(&cgid, &cflags, &c))
         return 0;
-    struct pending p = *pp;
-    stash.delete(&id);
-    if (ret <= 0)
+    void *regs = current_regs();
+    u8 flags = 0;
+    u8 stream = stream_of(c, cflags, syscall_arg(regs, fd_arg), &flags);
+    if (!stream)
         return 0;
-    if (p.kind == K_UNCAPT) {
+    if (kind == K_UNCAPT) {
         count(CNT_UNCAPT_BYTES, ret);
         count(CNT_UNCAPT_CALLS, 1);
         return 0;
     }
+    struct pending p = {};
+    p.cgroup_id = cgid;
+    p.kind = kind;
+    p.stream = stream;
+    p.flags = flags;
+    if (ptr_arg == ARG_MSGHDR) {
+        u64 hdr[4] = {};
+        if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)syscall_arg(regs, OFF_ARG1)))
+            return 0;
+        p.ptr = hdr[2];
+        p.vlen = hdr[3];
+    } else {
+        p.ptr = syscall_arg(regs, ptr_arg);
+        p.vlen = vlen_arg == ARG_NONE ? 0 : syscall_arg(regs, vlen_arg);
+    }
     return emit(ctx, &p, ret);
 }
 
-/* Tail-called by emit() (and by itself, up to the kernel's tail call limit)
- * when a write needs more than MAX_ITERS pieces. */
+/* Tail-called by emit() to copy a write, and by itself while the write needs
+ * more than MAX_ITERS pieces (up to the kernel's limit of 33 tail calls). */
 int copy_more(void *ctx)
 {
     u32 cpu = bpf_get_smp_processor_id();
@@ -356,52 +377,30 @@ int copy_more(void *ctx)
     return 0;
 }
 
+#define EXIT_PROGRAM(name, kind, fd_arg, ptr_arg, vlen_arg)                  \
+    int name(struct sys_exit_ctx *ctx)                                         \
+    {                                                                          \
+        s64 ret = ctx->ret;                                                    \
+        if (ret <= 0)                                                          \
+            return 0;                                                          \
+        return capture(ctx, ret, kind, fd_arg, ptr_arg, vlen_arg);             \
+    }
+
 /* write(fd, buf, count), sendto(fd, buf, len, ...) */
-int enter_write(struct sys_enter_ctx *ctx)
-{
-    return stash_call(ctx->args[0], ctx->args[1], 0, K_WRITE);
-}
-
+EXIT_PROGRAM(exit_write, K_WRITE, OFF_ARG0, OFF_ARG1, ARG_NONE)
 /* writev(fd, iov, vlen), pwritev2(fd, iov, vlen, pos_l, pos_h, flags) */
-int enter_writev(struct sys_enter_ctx *ctx)
-{
-    return stash_call(ctx->args[0], ctx->args[1], ctx->args[2], K_VEC);
-}
-
-/* sendmsg(fd, msghdr, flags): msg_iov at offset 16, msg_iovlen at 24 (user ABI). */
-int enter_sendmsg(struct sys_enter_ctx *ctx)
-{
-    u64 hdr[4] = {};
-    if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)ctx->args[1]))
-        return 0;
-    return stash_call(ctx->args[0], hdr[2], hdr[3], K_VEC);
-}
-
-/* The output fd is args[0] (sendfile64, vmsplice) or args[2] (splice,
- * copy_file_range) or args[1] (tee). */
-int enter_uncapt_arg0(struct sys_enter_ctx *ctx)
-{
-    return stash_call(ctx->args[0], 0, 0, K_UNCAPT);
-}
-
-int enter_uncapt_arg1(struct sys_enter_ctx *ctx)
-{
-    return stash_call(ctx->args[1], 0, 0, K_UNCAPT);
-}
-
-int enter_uncapt_arg2(struct sys_enter_ctx *ctx)
-{
-    return stash_call(ctx->args[2], 0, 0, K_UNCAPT);
-}
-
-int exit_any(struct sys_exit_ctx *ctx)
-{
-    return on_exit(ctx, ctx->ret);
-}
+EXIT_PROGRAM(exit_writev, K_VEC, OFF_ARG0, OFF_ARG1, OFF_ARG2)
+/* sendmsg(fd, msghdr, flags): msg_iov at offset 16, msg_iovlen at 24 (user ABI) */
+EXIT_PROGRAM(exit_sendmsg, K_VEC, OFF_ARG0, ARG_MSGHDR, ARG_NONE)
+/* Data moved in the kernel: the output fd is argument 0 (sendfile64, vmsplice),
+ * 1 (tee) or 2 (splice, copy_file_range). */
+EXIT_PROGRAM(exit_uncapt_arg0, K_UNCAPT, OFF_ARG0, ARG_NONE, ARG_NONE)
+EXIT_PROGRAM(exit_uncapt_arg1, K_UNCAPT, OFF_ARG1, ARG_NONE, ARG_NONE)
+EXIT_PROGRAM(exit_uncapt_arg2, K_UNCAPT, OFF_ARG2, ARG_NONE, ARG_NONE)
 
 /* io_uring can write to a pipe without any write syscall: the bytes are not
  * visible here, so count the calls of watched processes. */
-int enter_io_uring(struct sys_enter_ctx *ctx)
+int exit_io_uring(struct sys_exit_ctx *ctx)
 {
     u64 cgid = bpf_get_current_cgroup_id();
     struct container *c = containers.lookup(&cgid);

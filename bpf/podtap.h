@@ -36,14 +36,13 @@
 #define CNT_UNCAPT_BYTES 5   /* bytes written to a watched stream by splice/sendfile/tee/vmsplice/copy_file_range */
 #define CNT_UNCAPT_CALLS 6   /* such calls, plus io_uring_enter calls of watched processes (bytes unknown) */
 #define CNT_FAULT_BYTES 7    /* bytes the kernel accepted but the probe could not read from user memory */
-#define CNT_STASH_FULL 8     /* writes missed because the enter/exit stash was full */
-#define CNT_UNKNOWN_RECORDS 9 /* records of cgroups under the pods' subtree not in the map */
-#define CNT_WRITES 10        /* write calls to a watched stream that returned > 0 */
-#define CNT_EXITS 11         /* exit records put in the ring buffer */
-#define CNT_DROP_EXITS 12    /* exit records lost: ring buffer full (partial lines then wait for the idle flush) */
+#define CNT_UNKNOWN_RECORDS 8 /* records of cgroups under the pods' subtree not in the map */
+#define CNT_WRITES 9        /* write calls to a watched stream that returned > 0 */
+#define CNT_EXITS 10         /* exit records put in the ring buffer */
+#define CNT_DROP_EXITS 11    /* exit records lost: ring buffer full (partial lines then wait for the idle flush) */
 
-#define CNT_DROP_CGROUPS 13  /* cgroup-creation records lost: ring buffer full */
-#define NCOUNTERS 14
+#define CNT_DROP_CGROUPS 12  /* cgroup-creation records lost: ring buffer full */
+#define NCOUNTERS 13
 
 #define EVENT_HDR_SIZE 48
 #define CGROUP_PATH_MAX 512

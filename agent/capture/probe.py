@@ -1,9 +1,10 @@
 """Load the BPF program, attach it to the syscall tracepoints, own its maps.
 
 Start-up order has no race window: the program is compiled and loaded, the
-containers map is filled by the caller, then the exit programs are attached
-before the enter programs (an enter without its exit would be a stash entry
-that is never consumed; an exit without an enter finds nothing and returns).
+containers map is filled by the caller, then the programs are attached.  Every
+capture program runs at syscall exit and needs nothing from an earlier hook,
+so a write in flight while they are attached is either seen whole or not at
+all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,45 +28,34 @@ from agent.kube.model import FileIdent
 log = logging.getLogger("podtap.capture")
 
 BPF_DIR_ENV = "PODTAP_BPF_DIR"
-# (tracepoint, program) pairs, attached in this order: exits first.
-EXIT_PROGRAMS = (
-    ("syscalls:sys_exit_write", "exit_any"),
-    ("syscalls:sys_exit_writev", "exit_any"),
-    ("syscalls:sys_exit_pwritev2", "exit_any"),
-    ("syscalls:sys_exit_splice", "exit_any"),
-    ("syscalls:sys_exit_tee", "exit_any"),
-    ("syscalls:sys_exit_vmsplice", "exit_any"),
-    ("syscalls:sys_exit_sendfile64", "exit_any"),
-    ("syscalls:sys_exit_copy_file_range", "exit_any"),
+# (tracepoint, program): exit tracepoints only; the arguments come from pt_regs.
+CAPTURE_PROGRAMS = (
+    ("syscalls:sys_exit_write", "exit_write"),
+    ("syscalls:sys_exit_writev", "exit_writev"),
+    ("syscalls:sys_exit_pwritev2", "exit_writev"),
+    ("syscalls:sys_exit_splice", "exit_uncapt_arg2"),
+    ("syscalls:sys_exit_tee", "exit_uncapt_arg1"),
+    ("syscalls:sys_exit_vmsplice", "exit_uncapt_arg0"),
+    ("syscalls:sys_exit_sendfile64", "exit_uncapt_arg0"),
+    ("syscalls:sys_exit_copy_file_range", "exit_uncapt_arg2"),
+    ("syscalls:sys_exit_io_uring_enter", "exit_io_uring"),
 )
-SOCKET_EXIT_PROGRAMS = (
-    ("syscalls:sys_exit_sendto", "exit_any"),
-    ("syscalls:sys_exit_sendmsg", "exit_any"),
+SOCKET_PROGRAMS = (
+    ("syscalls:sys_exit_sendto", "exit_write"),
+    ("syscalls:sys_exit_sendmsg", "exit_sendmsg"),
 )
 PROCESS_EXIT_PROGRAM = ("sched:sched_process_exit", "on_process_exit")
 CGROUP_MKDIR_PROGRAM = ("cgroup:cgroup_mkdir", "on_cgroup_mkdir")
 MKDIR_FIELDS = {"root": "TP_MKDIR_ROOT", "level": "TP_MKDIR_LEVEL", "id": "TP_MKDIR_ID",
                 "path": "TP_MKDIR_PATH"}
-ENTER_PROGRAMS = (
-    ("syscalls:sys_enter_write", "enter_write"),
-    ("syscalls:sys_enter_writev", "enter_writev"),
-    ("syscalls:sys_enter_pwritev2", "enter_writev"),
-    ("syscalls:sys_enter_splice", "enter_uncapt_arg2"),
-    ("syscalls:sys_enter_tee", "enter_uncapt_arg1"),
-    ("syscalls:sys_enter_vmsplice", "enter_uncapt_arg0"),
-    ("syscalls:sys_enter_sendfile64", "enter_uncapt_arg0"),
-    ("syscalls:sys_enter_copy_file_range", "enter_uncapt_arg2"),
-    ("syscalls:sys_enter_io_uring_enter", "enter_io_uring"),
-)
-SOCKET_ENTER_PROGRAMS = (
-    ("syscalls:sys_enter_sendto", "enter_write"),
-    ("syscalls:sys_enter_sendmsg", "enter_sendmsg"),
-)
+# Where the first three syscall arguments are saved in struct pt_regs (members, + offset).
+SYSCALL_ARG_REGS = {
+    "x86_64": (("di", 0), ("si", 0), ("dx", 0)),
+    "aarch64": (("orig_x0", 0), ("regs", 8), ("regs", 16)),  # x0 holds the return value
+}
 REQUIRED_TRACEPOINTS = frozenset(
     {
-        "syscalls:sys_enter_write",
         "syscalls:sys_exit_write",
-        "syscalls:sys_enter_writev",
         "syscalls:sys_exit_writev",
         "sched:sched_process_exit",
         "cgroup:cgroup_mkdir",
@@ -95,6 +86,18 @@ def tracepoint_offsets(tracefs: str, category: str, event: str) -> dict[str, int
     for m in re.finditer(r"field:([^;]*?)\s*(\w+)(?:\[\])?;\s*offset:(\d+);", text):
         fields[m.group(2)] = int(m.group(3))
     return fields
+
+
+def syscall_arg_offsets(btf: Btf, machine: str | None = None) -> dict[str, int]:
+    """OFF_ARG0..2: offsets of the saved syscall arguments in the kernel's struct pt_regs."""
+    machine = machine or platform.machine()
+    regs = SYSCALL_ARG_REGS.get(machine)
+    if regs is None:
+        raise ProbeError(f"syscall argument registers of {machine} are not known to podtap")
+    return {
+        f"OFF_ARG{i}": btf.member_offset("pt_regs", member) + extra
+        for i, (member, extra) in enumerate(regs)
+    }
 
 
 def bpf_dir() -> Path:
@@ -197,7 +200,8 @@ class Probe:
         ensure_tracefs()
         headers = find_kernel_headers(cache_dir=self.cfg.headers_cache_dir)
         os.environ["BCC_KERNEL_SOURCE"] = headers.path
-        offsets = kernel_offsets(Btf.load(self.cfg.btf_path))
+        btf = Btf.load(self.cfg.btf_path)
+        offsets = kernel_offsets(btf) | syscall_arg_offsets(btf)
         try:
             from bcc import BPF
         except ImportError as e:
@@ -212,18 +216,16 @@ class Probe:
         log.info("BPF program loaded (headers: %s, %s)", headers.path, headers.source)
 
     def attach(self) -> None:
-        """Attach exits, then the process-exit hook, then enters."""
+        """Attach the cgroup and process-exit hooks, then the capture programs."""
         if self._bpf is None:
             raise ProbeError("attach() before load()")
-        pairs: list[tuple[str, str]] = list(EXIT_PROGRAMS)
-        if self.cfg.socket_syscalls:
-            pairs += SOCKET_EXIT_PROGRAMS
-        pairs.append(PROCESS_EXIT_PROGRAM)
+        pairs: list[tuple[str, str]] = []
         if self.pods_root is not None:
             pairs.append(CGROUP_MKDIR_PROGRAM)
-        pairs += ENTER_PROGRAMS
+        pairs.append(PROCESS_EXIT_PROGRAM)
+        pairs += CAPTURE_PROGRAMS
         if self.cfg.socket_syscalls:
-            pairs += SOCKET_ENTER_PROGRAMS
+            pairs += SOCKET_PROGRAMS
         base = tracefs_dir()
         if base is None:
             raise HostError("tracefs is not mounted")

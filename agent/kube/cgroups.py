@@ -33,6 +33,7 @@ __all__ = [
     "CgroupError",
     "candidate_paths",
     "cgroup_id",
+    "container_id_from_path",
     "find_cgroup2_mount",
     "first_pid",
     "kernel_dev",
@@ -324,6 +325,22 @@ def scan_containers(mount: str, roots: Sequence[str] = ("",)) -> dict[str, tuple
                     if ident is not None:
                         found.setdefault(container[0], (container[1], ident))
     return found
+
+
+def container_id_from_path(path: str) -> str | None:
+    """The container id a cgroup path names (a scope or a cgroupfs leaf, or crun's
+    ``container`` child of a scope), or None for any other cgroup."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[-1] == _CRUN_SUBGROUP:
+        parts.pop()
+    if len(parts) < 2 or not _POD_DIR.fullmatch(parts[-2]):
+        return None
+    name = parts[-1]
+    scope = _SCOPE_DIR.fullmatch(name)
+    if scope:
+        return scope.group(1)
+    leaf = _CGROUPFS_CONTAINER_DIR.fullmatch(name)
+    return leaf.group(1) if leaf else None
 
 
 # --- processes ---------------------------------------------------------------------------

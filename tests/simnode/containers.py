@@ -27,7 +27,9 @@ from pathlib import Path
 from agent.kube.cgroups import find_cgroup2_mount
 from agent.kube.model import FileIdent
 
-JOIN_AND_EXEC = 'echo $$ > "$0" && exec "$@"'
+# The join is written by `tee` (fd 3, from outside the cgroup), not by the shell's fd 1:
+# a write to fd 1 that ends inside the cgroup would be container output.
+JOIN_AND_EXEC = 'echo $$ | tee "$0" > /dev/null && exec "$@"'
 
 
 def ident_of_fd(fd: int) -> FileIdent:
