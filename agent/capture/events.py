@@ -140,12 +140,14 @@ class Drainer(threading.Thread):
         deliver: Callable[[bytes], None],
         max_pending: int,
         batch_bytes: int = 4 << 20,
+        linger_s: float = 0.005,
     ) -> None:
         super().__init__(name="podtap-ring-drain", daemon=True)
         self.reader = reader
         self.deliver = deliver
         self.max_pending = max_pending
         self.batch_bytes = batch_bytes
+        self.linger_s = linger_s
         self._pending = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
@@ -185,6 +187,10 @@ class Drainer(threading.Thread):
             while not self._stopping.is_set():
                 if self.reader.available() == 0:
                     self.reader.wait(0.1)
+                # Let records accumulate for a moment: every batch costs a wakeup of
+                # the event loop and an output write, whatever its size.
+                if 0 < self.reader.available() < self.batch_bytes // 4:
+                    self._stopping.wait(self.linger_s)
                 self.drain_once()
         except BaseException as e:  # reported to the pipeline, which stops
             self.error = e
