@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from agent.capture.events import Drainer, Record, RingReader, decode
 from agent.capture.probe import Probe
 
-
 MERGE_BYTES = 8 << 20  # spans waiting on the loop are decoded together, up to this much
 
 
@@ -38,22 +37,24 @@ class CaptureSource:
     async def batches(self) -> AsyncIterator[list[Record]]:
         """Decoded record batches, in ring order, until `stop()` has drained the ring."""
         queue = self._queue
-        while True:
-            blobs = [await queue.get()]
-            size = len(blobs[0] or b"")
-            while not queue.empty() and blobs[-1] is not None and size < MERGE_BYTES:
-                blobs.append(queue.get_nowait())  # one batch for what is waiting
-                size += len(blobs[-1] or b"")
-            done = blobs[-1] is None
-            blobs = [b for b in blobs if b is not None]
+        done = False
+        while not done:
+            blobs: list[bytes] = []
+            size = 0
+            item = await queue.get()
+            while item is not None:
+                blobs.append(item)
+                size += len(item)
+                if queue.empty() or size >= MERGE_BYTES:
+                    break
+                item = queue.get_nowait()  # one batch for what is waiting
+            done = item is None
             records = [rec for blob in blobs for rec in decode(blob)]
             if self._drainer is not None:
-                self._drainer.release(sum(map(len, blobs)))
+                self._drainer.release(size)
             self.records += len(records)
             if records:
                 yield records
-            if done:
-                return
 
     def stop(self) -> None:
         """Detach the probe, then hand over whatever is still in the ring, then end."""
