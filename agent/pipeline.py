@@ -151,7 +151,9 @@ class JsonFormatter:
 class LineStage:
     """Records -> lines: feeds the assembler, flushes on exit, loss and idleness."""
 
-    def __init__(self, cfg: Config, on_cgroup: Callable[[int, str], None] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, on_cgroup: Callable[[int, str, int], None] | None = None
+    ) -> None:
         self.on_cgroup = on_cgroup
         self.assembler = LineAssembler(
             max_line=cfg.lines.max_line,
@@ -173,7 +175,7 @@ class LineStage:
             elif typ == EV_EXIT:
                 asm.end_process(pid, out)
             elif typ == EV_CGROUP and self.on_cgroup is not None:
-                self.on_cgroup(cgroup_id, data.decode("utf-8", "replace"))
+                self.on_cgroup(cgroup_id, data.decode("utf-8", "replace"), ts)
         return self._counted(out)
 
     def flush_idle(self) -> list[Line]:
@@ -404,6 +406,7 @@ class AgentPipeline:
         while True:
             await asyncio.sleep(self.HOUSEKEEPING_S)
             self._ship(self.lines.flush_idle())
+            self.discovery.refresh_idents()
             out: list[bytes] = []
             self.enricher.release(boottime_ns(), out)
             self.sink.send(out)
@@ -471,6 +474,10 @@ class AgentPipeline:
             "kubelet_errors": d.poll_errors,
             "containers_watched": d.watched,
             "containers_excluded": d.excluded,
+            "watch_delay_ms_avg": round(d.watch_delay_sum_ms / d.watch_delay_count, 2)
+            if d.watch_delay_count
+            else None,
+            "watch_delay_ms_max": round(d.watch_delay_max_ms, 2),
         }
 
 

@@ -79,6 +79,15 @@ class DiscoveryStats:
     watched: int = 0
     excluded: int = 0
     last_error: str = ""
+    # cgroup created -> container in the kernel map, for cgroups seen being created
+    watch_delay_count: int = 0
+    watch_delay_sum_ms: float = 0.0
+    watch_delay_max_ms: float = 0.0
+
+    def watch_delay(self, ms: float) -> None:
+        self.watch_delay_count += 1
+        self.watch_delay_sum_ms += ms
+        self.watch_delay_max_ms = max(self.watch_delay_max_ms, ms)
 
 
 class Discovery:
@@ -102,8 +111,9 @@ class Discovery:
         self.host = host
         self.pods_prefix = pods_prefix.rstrip("/")  # "/kubepods.slice" as the mkdir path says
         self.known: dict[int, Known] = {}
-        self.created: dict[int, str] = {}  # cgroup id -> container id, from EV_CGROUP
+        self.created: dict[int, tuple[str, int]] = {}  # cgroup id -> (container id, boot ns)
         self.stats = DiscoveryStats()
+        self._no_idents: set[int] = set()  # watched by fd number until identities are read
         self._wake = asyncio.Event()
         self._last_poll = 0.0
         self._poll_lock = asyncio.Lock()
@@ -115,13 +125,13 @@ class Discovery:
     def lookup(self, cgroup_id: int) -> Known | None:
         return self.known.get(cgroup_id)
 
-    def on_cgroup_created(self, cgroup_id: int, path: str) -> None:
+    def on_cgroup_created(self, cgroup_id: int, path: str, ts_ns: int) -> None:
         """A cgroup appeared under the pods' subtree: remember which container it is."""
         if not path.startswith(self.pods_prefix + "/"):
             return
         container_id = container_id_from_path(path)
         if container_id is not None:
-            self.created[cgroup_id] = container_id
+            self.created[cgroup_id] = (container_id, ts_ns)
             self.request_poll()
 
     def request_poll(self) -> None:
@@ -173,7 +183,7 @@ class Discovery:
         """Make the map and the metadata match the kubelet's containers."""
         now = time.monotonic()
         index = scan_containers(self.mount, self.cfg.cgroup_roots)
-        by_created_id = {cid: cg for cg, cid in self.created.items()}
+        by_created_id = {cid: cg for cg, (cid, _ts) in self.created.items()}
         seen: set[int] = set()
         for meta in metas:
             found = resolve(meta, self.mount, self.cfg.cgroup_roots, index)
@@ -211,9 +221,43 @@ class Discovery:
                 self.writer.unwatch(cg)  # the cgroup is gone: its id never comes back
                 known.in_map = False
             return
+        if known.stdout is None and not known.excluded:
+            self._no_idents.add(cg)
+        else:
+            self._no_idents.discard(cg)
         if before != known.map_entry():
             self.writer.watch(cg, *known.map_entry())
+            if not known.in_map:
+                self._log_watched(cg, known)
             known.in_map = True
+
+    def refresh_idents(self) -> None:
+        """Read the stream identities of watched containers that had no process yet
+        (cheap: no kubelet call), so the fd-number fallback lasts as short as possible."""
+        for cg in list(self._no_idents):
+            known = self.known.get(cg)
+            if known is None or not known.in_map:
+                self._no_idents.discard(cg)
+                continue
+            out, err = self._idents(known.path)
+            if out is not None:
+                known.stdout, known.stderr = out, err
+                self.writer.watch(cg, *known.map_entry())
+                self._no_idents.discard(cg)
+
+    def _log_watched(self, cg: int, known: Known) -> None:
+        m = known.meta
+        delay = ""
+        if cg in self.created:
+            delay_ms = (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - self.created[cg][1]) / 1e6
+            self.stats.watch_delay(delay_ms)
+            delay = f", {delay_ms:.1f} ms after its cgroup was created"
+        what = "excluded" if known.excluded else "watching"
+        idents = "by pipe identity" if known.stdout is not None else "by fd number for now"
+        log.info(
+            "%s %s/%s/%s (cgroup %d, %s%s)",
+            what, m.namespace, m.pod_name, m.container_name, cg, idents, delay,
+        )
 
     def _idents(self, path: str) -> tuple[FileIdent | None, FileIdent | None]:
         """stdout/stderr identities from the container's first process (both or neither)."""
@@ -229,6 +273,7 @@ class Discovery:
 
     def _forget(self, cg: int) -> None:
         known = self.known.pop(cg)
+        self._no_idents.discard(cg)
         if known.in_map:
             self.writer.unwatch(cg)
         self.created.pop(cg, None)
