@@ -62,6 +62,11 @@ struct copy_state {
 };
 
 BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
+#ifdef PODS_ROOT_ID
+/* Stream identities of containers not in `containers` yet, taken in the kernel
+ * at the first exec inside their cgroup (see on_process_exec). */
+BPF_TABLE("lru_hash", u64, struct container, unknown_idents, 4096);
+#endif
 BPF_TABLE("lru_hash", u32, u8, lost, 16384);
 BPF_ARRAY(scratch, struct copy_state, NCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
@@ -120,23 +125,33 @@ static __always_inline u8 stream_by_fd(u64 fd)
     return 0;
 }
 
-/* The current task's container, if it is watched: *cflags gets its flags
- * (F_UNKNOWN alone for a cgroup under the pods' subtree not in the map yet).
- * This is the only work done for every other write on the node. */
+static __always_inline int under_pods_root(void)
+{
+#ifdef PODS_ROOT_ID
+    return bpf_get_current_ancestor_cgroup_id(PODS_ROOT_LEVEL) == PODS_ROOT_ID &&
+           (bpf_get_current_pid_tgid() >> 32) != SELF_TGID;
+#else
+    return 0;
+#endif
+}
+
+/* The current task's container, if it is watched: 1 for a container in the map,
+ * 2 for one under the pods' subtree not in the map yet (its first lines are
+ * kept), 0 otherwise.  *cp / *cflags get its entry (NULL when its stream
+ * identities are not known).  This is the only work done for every other
+ * write on the node. */
 static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct container **cp)
 {
     *cgid = bpf_get_current_cgroup_id();
     struct container *c = containers.lookup(cgid);
     if (!c) {
 #ifdef PODS_ROOT_ID
-        /* A container the agent does not know yet: keep its first lines. */
-        if (bpf_get_current_ancestor_cgroup_id(PODS_ROOT_LEVEL) != PODS_ROOT_ID)
+        if (!under_pods_root())
             return 0;
-        if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
-            return 0;
-        *cflags = C_CAPTURE_STDOUT | C_CAPTURE_STDERR;
-        *cp = 0;
-        return 1;
+        c = unknown_idents.lookup(cgid);
+        *cp = c;
+        *cflags = c ? c->flags : C_CAPTURE_STDOUT | C_CAPTURE_STDERR;
+        return 2;
 #else
         return 0;
 #endif
@@ -166,7 +181,7 @@ static __always_inline u8 stream_of(struct container *c, u32 cflags, u64 fd, u8 
             stream = STREAM_STDERR;
     } else {
         stream = stream_by_fd(fd);
-        *flags = c ? F_FD_FALLBACK : F_FD_FALLBACK | F_UNKNOWN;
+        *flags |= F_FD_FALLBACK;
     }
     if (stream == STREAM_STDOUT && !(cflags & C_CAPTURE_STDOUT))
         return 0;
@@ -332,10 +347,11 @@ static __always_inline int capture(void *ctx, s64 ret, u8 kind, u32 fd_arg, u32 
     u64 cgid = 0;
     u32 cflags = 0;
     struct container *c = 0;
-    if (!writer_watched(&cgid, &cflags, &c))
+    int watched = writer_watched(&cgid, &cflags, &c);
+    if (!watched)
         return 0;
     void *regs = current_regs();
-    u8 flags = 0;
+    u8 flags = watched == 2 ? F_UNKNOWN : 0;
     u8 stream = stream_of(c, cflags, syscall_arg(regs, fd_arg), &flags);
     if (!stream)
         return 0;
@@ -475,6 +491,26 @@ int on_cgroup_mkdir(void *ctx)
     e->flags = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
+    return 0;
+}
+#endif
+
+#ifdef PODS_ROOT_ID
+/* sched:sched_process_exec.  The first exec inside a new container's cgroup is
+ * the runtime starting the container's entrypoint: its fds 1 and 2 are the
+ * container's stdout and stderr.  Their identities are kept for the
+ * container's writes until the agent puts it in `containers` (so a short-lived
+ * container's stderr is not taken for stdout after a dup2). */
+int on_process_exec(void *ctx)
+{
+    u64 cgid = bpf_get_current_cgroup_id();
+    if (containers.lookup(&cgid) || !under_pods_root())
+        return 0;
+    struct container v = {};
+    if (fd_ident(1, &v.out_dev, &v.out_ino) || fd_ident(2, &v.err_dev, &v.err_ino))
+        return 0;
+    v.flags = C_CAPTURE_STDOUT | C_CAPTURE_STDERR | C_IDENT_KNOWN;
+    unknown_idents.insert(&cgid, &v); /* the first exec wins */
     return 0;
 }
 #endif

@@ -46,6 +46,7 @@ SOCKET_PROGRAMS = (
 )
 PROCESS_EXIT_PROGRAM = ("sched:sched_process_exit", "on_process_exit")
 CGROUP_MKDIR_PROGRAM = ("cgroup:cgroup_mkdir", "on_cgroup_mkdir")
+PROCESS_EXEC_PROGRAM = ("sched:sched_process_exec", "on_process_exec")
 MKDIR_FIELDS = {"root": "TP_MKDIR_ROOT", "level": "TP_MKDIR_LEVEL", "id": "TP_MKDIR_ID",
                 "path": "TP_MKDIR_PATH"}
 # Where the first three syscall arguments are saved in struct pt_regs (members, + offset).
@@ -59,6 +60,7 @@ REQUIRED_TRACEPOINTS = frozenset(
         "syscalls:sys_exit_writev",
         "sched:sched_process_exit",
         "cgroup:cgroup_mkdir",
+        "sched:sched_process_exec",
     }
 )
 
@@ -221,7 +223,7 @@ class Probe:
             raise ProbeError("attach() before load()")
         pairs: list[tuple[str, str]] = []
         if self.pods_root is not None:
-            pairs.append(CGROUP_MKDIR_PROGRAM)
+            pairs += [CGROUP_MKDIR_PROGRAM, PROCESS_EXEC_PROGRAM]
         pairs.append(PROCESS_EXIT_PROGRAM)
         pairs += CAPTURE_PROGRAMS
         if self.cfg.socket_syscalls:

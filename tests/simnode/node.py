@@ -664,6 +664,14 @@ class SimNode:
             self._register(pod)
         return pod
 
+    def unregister_pod(self, pod: SimPod) -> None:
+        """Unlist the pod from the kubelet while its containers go on running, as when a
+        pod is deleted and its containers are still in their termination grace period."""
+        with self._lock:
+            pod.deleted = True
+            if pod.registered:
+                self.kubelet.remove_pod(pod.namespace, pod.name)
+
     def delete_pod(self, pod: SimPod, timeout: float = _KILL_TIMEOUT_S) -> None:
         """Kill the pod's containers, unlist it from the kubelet, remove its cgroups."""
         for container in pod.containers:

@@ -1,0 +1,124 @@
+"""Run `podtap run` as a subprocess against a SimNode and collect what it ships."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from tests.simnode.node import SimContainer, SimNode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def agent_config(node: SimNode, **sections: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "kube": {
+            "kubelet_url": node.kubelet_url,
+            "token_path": str(node.token_path),
+            "ca_path": str(node.ca_path),
+            "cgroup_roots": list(node.roots),
+            "node_name": node.node_name,
+            "poll_interval_s": 2.0,
+            "timeout_s": 2.0,
+            "retries": 1,
+        }
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+class AgentRun:
+    """A `podtap run` process: its records (parsed NDJSON) and its log lines."""
+
+    def __init__(self, node: SimNode, tmp: Path, **sections: dict[str, Any]) -> None:
+        config = tmp / "podtap.yaml"
+        config.write_text(yaml.safe_dump(agent_config(node, **sections)))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._records: list[dict[str, Any]] = []
+        self.log: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self.wait_log("capturing:", 60)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            record = orjson.loads(line)
+            with self._lock:
+                self._records.append(record)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._lock:
+                self.log.append(line.decode(errors="replace").rstrip("\n"))
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._records)
+
+    def of(self, container: SimContainer) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["kubernetes"]["docker_id"] == container.id]
+
+    def wait_for(self, what: Callable[[], bool], timeout: float = 30, why: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if what():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}):\n" + self.logs())
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {why}:\n" + self.logs())
+
+    def wait_log(self, text: str, timeout: float = 30) -> None:
+        self.wait_for(lambda: any(text in line for line in list(self.log)), timeout, repr(text))
+
+    def logs(self) -> str:
+        with self._lock:
+            return "\n".join(self.log[-60:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> dict[str, Any]:
+        """SIGTERM, wait, and return the final stats the agent logged."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        assert self.proc.returncode == 0, self.logs()
+        for line in reversed(self.log):
+            if "stopped: {" in line:
+                return dict(ast.literal_eval(line[line.index("{"):]))
+        raise AssertionError("no final stats in the agent's log:\n" + self.logs())
+
+
+def joined(records: list[dict[str, Any]], stream: str) -> bytes:
+    """The bytes the records of one stream stand for (message + newline unless partial)."""
+    return "".join(
+        r["message"] + ("" if r["partial"] else "\n") for r in records if r["stream"] == stream
+    ).encode()
