@@ -38,6 +38,7 @@ demo: install
 bench: install
 	$(VPY) bench/tap_throughput.py
 	$(VPY) bench/write_cost.py
+	$(VPY) bench/agent_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
