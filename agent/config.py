@@ -82,7 +82,12 @@ class KubeConfig:
 
     def validate(self) -> None:
         if self.kubelet_url:
-            _require(self.kubelet_url.startswith("https://"), "kube.kubelet_url", "https://…")
+            from agent.kube.kubelet import KubeletConfig
+
+            try:
+                KubeletConfig(url=self.kubelet_url, token_path=None, ca_path=None)
+            except ValueError as e:
+                raise ConfigError(f"kube.kubelet_url: {e}") from e
         _require(self.timeout_s > 0, "kube.timeout_s", "> 0")
         _require(self.retries >= 0, "kube.retries", ">= 0")
         _require(self.poll_interval_s > 0, "kube.poll_interval_s", "> 0")
@@ -105,8 +110,13 @@ class FiltersConfig:
     stderr: bool = True
 
     def validate(self) -> None:
-        from agent.kube.filters import FilterConfig, FilterError
+        from agent.kube.filters import FilterConfig, FilterError, parse_selector
 
+        for key in ("include_pod_labels", "exclude_pod_labels"):
+            try:
+                parse_selector(getattr(self, key))
+            except FilterError as e:
+                raise ConfigError(f"filters.{key}: {e}") from e
         try:
             FilterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         except FilterError as e:
@@ -124,6 +134,16 @@ class RecordsConfig:
     def validate(self) -> None:
         _require(self.schema in ("fluentbit", "otel"), "records.schema", "fluentbit or otel")
         _require(bool(self.time_key), "records.time_key", "a non-empty string")
+        from agent.records import RecordFormat
+
+        try:
+            RecordFormat(
+                schema=self.schema,  # type: ignore[arg-type]
+                time_key=self.time_key,
+                timestamp_key_es=self.timestamp_key_es,
+            )
+        except ValueError as e:
+            raise ConfigError(f"records.time_key: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +271,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, str]]:
 def config_from_dict(data: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
     merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
-        target = merged.setdefault(section, {})
+        if merged.get(section) is None:  # a section with every key commented out
+            merged[section] = {}
+        target = merged[section]
         if not isinstance(target, dict):
             raise ConfigError(f"{section} must be a mapping")
         target.update(values)
@@ -266,7 +288,9 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f)
+            if data is None:  # an empty file
+                data = {}
         except OSError as e:
             raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from e
         except yaml.YAMLError as e:

@@ -18,6 +18,7 @@ from agent.lines import Line
 from agent.records import ContainerEncoder, RecordFormat
 
 STDOUT = 1
+HELD_LINE_OVERHEAD = 96  # bytes a held line costs beyond its message (tuple, ints, list slot)
 
 
 @dataclass(slots=True)
@@ -85,7 +86,7 @@ class Enricher:
         return entry
 
     def _hold(self, cg: int, line: Line) -> None:
-        size = len(line[4])
+        size = len(line[4]) + HELD_LINE_OVERHEAD
         if self.held_bytes + size > self.hold_max_bytes:
             self.stats.dropped_hold_full += 1
             return

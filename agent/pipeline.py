@@ -388,6 +388,7 @@ class AgentPipeline:
             self.discovery.request_poll,
         )
         self.discovery.on_forget = self.enricher.forget
+        self.discovery.on_changed = self.enricher.forget  # rebuilt from the new metadata
         self.discovery.wants_repoll = lambda: self.enricher.holding
         self.sink = StdoutSink(out if out is not None else sys.stdout.buffer)
         self._stop = asyncio.Event()

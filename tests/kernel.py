@@ -155,8 +155,8 @@ class TapRun:
         raise AssertionError(f"no counters line in tap's stderr:\n{self.stderr.decode()}")
 
 
-def start_tap(*args: str, env: dict[str, str] | None = None) -> TapRun:
-    cmd = [sys.executable, "-m", "agent.cli", "tap", "--format", "json", *args]
+def start_tap(*args: str, env: dict[str, str] | None = None, fmt: str = "json") -> TapRun:
+    cmd = [sys.executable, "-m", "agent.cli", "tap", "--format", fmt, *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -185,14 +185,16 @@ def _slurp(stream: Any, run: TapRun, attr: str) -> None:
     setattr(run, attr, stream.read())
 
 
-def stop_tap(run: TapRun, timeout: float = 60) -> TapRun:
-    run.proc.send_signal(signal.SIGINT)
+def stop_tap(run: TapRun, timeout: float = 60, sig: int = signal.SIGINT) -> TapRun:
+    run.proc.send_signal(sig)
     assert run.proc.stderr is not None
     rest = run.proc.stderr.read()
     run.proc.wait(timeout)
     run._out_thread.join(timeout)  # type: ignore[attr-defined]
     run.stderr += rest
     assert run.proc.returncode == 0, run.stderr.decode(errors="replace")
+    if "text" in list(run.proc.args):  # type: ignore[arg-type]
+        return run
     try:
         run.objects = [orjson.loads(line) for line in run.stdout.splitlines()]
     except orjson.JSONDecodeError:

@@ -118,6 +118,7 @@ class Discovery:
         self._last_poll = 0.0
         self._poll_lock = asyncio.Lock()
         self.on_forget: Callable[[int], None] = lambda _cgroup_id: None
+        self.on_changed: Callable[[int], None] = lambda _cgroup_id: None
         self.wants_repoll: Callable[[], bool] = lambda: False
 
     # -- what the pipeline asks ---------------------------------------------
@@ -166,6 +167,9 @@ class Discovery:
             except KubeletError as e:
                 self._poll_failed(str(e), logging.WARNING)
                 return False
+            if self.stats.last_error:
+                log.info("the kubelet answers again")
+                self.stats.last_error = ""
             metas, malformed = running_containers(pods, self.host)
             self.stats.malformed += malformed
             self.sync(metas)
@@ -196,24 +200,44 @@ class Discovery:
             seen.add(cg)
             self._update(cg, path, meta)
         for cg, known in list(self.known.items()):
-            if cg not in seen and known.gone_since is None:
-                known.gone_since = now
+            if cg not in seen:
+                if known.gone_since is None:
+                    known.gone_since = now
+                if known.in_map and not os.path.isdir(known.path):
+                    self.writer.unwatch(cg)  # the cgroup is gone: its id never comes back
+                    known.in_map = False
             if known.gone_since is not None and now - known.gone_since >= self.cfg.deleted_grace_s:
                 self._forget(cg)
+        self._prune_created()
         self.stats.watched = sum(1 for k in self.known.values() if k.in_map and not k.excluded)
         self.stats.excluded = sum(1 for k in self.known.values() if k.excluded)
+
+    def _prune_created(self) -> None:
+        """Forget creation records the kubelet never explained (pod sandboxes, failed
+        creations) once no held line can still need them."""
+        horizon_ns = int(max(self.cfg.deleted_grace_s, self.cfg.hold_timeout_s) * 1e9)
+        now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        for cg, (_cid, ts) in list(self.created.items()):
+            if cg not in self.known and now_ns - ts > horizon_ns:
+                del self.created[cg]
 
     def _update(self, cg: int, path: str, meta: ContainerMeta) -> None:
         capture_stdout, capture_stderr = decide(meta, self.filters)
         known = self.known.get(cg)
+        before = None
         if known is None:
             known = Known(meta, path, capture_stdout, capture_stderr)
             self.known[cg] = known
         else:
+            before = known.map_entry() if known.in_map else None
+            changed = (known.meta, known.capture_stdout, known.capture_stderr) != (
+                meta, capture_stdout, capture_stderr
+            )
             known.meta, known.gone_since = meta, None
             known.capture_stdout, known.capture_stderr = capture_stdout, capture_stderr
             known.path = known.path or path
-        before = known.map_entry() if known.in_map else None
+            if changed:
+                self.on_changed(cg)  # labels, annotations or filters changed: re-encode
         if not known.excluded and (known.stdout is None or known.stderr is None):
             known.stdout, known.stderr = self._idents(known.path)
         if not known.path or not os.path.isdir(known.path):

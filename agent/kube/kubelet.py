@@ -68,8 +68,18 @@ class KubeletConfig:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise ValueError(f"kubelet url must be https://host[:port], got {self.url!r}")
+        malformed = (
+            parts.scheme != "https"
+            or not parts.hostname
+            or self.url != self.url.strip()
+            or bool(parts.query or parts.fragment)
+        )
+        try:
+            _ = parts.port  # a port that is not a number in 0..65535 raises
+        except ValueError:
+            malformed = True
+        if malformed:
+            raise ValueError(f"kubelet url must be https://host[:port][/path], got {self.url!r}")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if self.retries < 0:

@@ -69,6 +69,17 @@ def writev_many_iovecs(c: Container) -> Expect:
     return Expect()
 
 
+def pwritev2_writes(c: Container) -> Expect:
+    # pwritev2 with offset -1 writes at the current position: it works on pipes.
+    py(
+        c,
+        "import os\n"
+        "for i in range(300):\n"
+        "    os.pwritev(1 + i % 2, [b'pwritev2 ', b'line %d' % i, b'\\n'], -1, os.RWF_NOWAIT)\n",
+    )
+    return Expect()
+
+
 def one_mib_write(c: Container) -> Expect:
     py(
         c,
@@ -222,6 +233,7 @@ SCENARIOS: dict[str, Callable[[Container], Expect]] = {
         buffered_stdio,
         partial_writes,
         writev_many_iovecs,
+        pwritev2_writes,
         one_mib_write,
         nonblocking_partial_writes,
         stdout_stderr_mixed,

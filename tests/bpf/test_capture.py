@@ -161,6 +161,32 @@ def test_tty_container(live: LiveProbe, sandbox: CgroupSandbox) -> None:
     assert {r[5] for r in records if r[4] == EV_DATA} == {1}
 
 
+def test_socket_stdout_write_send_and_sendmsg(live: LiveProbe, sandbox: CgroupSandbox) -> None:
+    """stdout/stderr may be unix stream sockets: write, send (sendto) and sendmsg with
+    several buffers are all captured, byte for byte."""
+    c = sandbox.container(sockets=True)
+    watch(live, c)
+    code = (
+        "import os, socket\n"
+        "out = socket.socket(fileno=1); err = socket.socket(fileno=2)\n"
+        "for i in range(200):\n"
+        "    os.write(1, b'write %d\\n' % i)\n"
+        "    out.send(b'send %d\\n' % i)\n"
+        "    out.sendmsg([b'sendmsg ', b'%d' % i, b'', b'\\n'])\n"
+        "    err.sendmsg([b'err ', b'%d\\n' % i])\n"
+    )
+    try:
+        assert c.python(code).wait(30) == 0
+        out, err = c.finish()
+        records = live.records(c.cgroup_id)
+    finally:
+        live.probe.unwatch(c.cgroup_id)
+    joined = joined_from_lines(lines_of(records))
+    assert b"".join(v for (_, s), v in joined.items() if s == 1) == out
+    assert b"".join(v for (_, s), v in joined.items() if s == 2) == err
+    assert out.count(b"sendmsg") == 200
+
+
 def test_excluded_and_per_stream_filters_copy_nothing(
     live: LiveProbe, sandbox: CgroupSandbox
 ) -> None:

@@ -17,6 +17,7 @@ import os
 import pty
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,9 +59,10 @@ class LogReader(threading.Thread):
 
 
 class Container:
-    """One cgroup with its stdout/stderr pipes (or one pty for both) and their readers."""
+    """One cgroup with its stdout/stderr pipes (or one pty for both, or unix stream
+    sockets) and their readers."""
 
-    def __init__(self, path: Path, tty: bool = False) -> None:
+    def __init__(self, path: Path, tty: bool = False, sockets: bool = False) -> None:
         self.path = path
         path.mkdir(parents=True)
         self.cgroup_id = path.stat().st_ino
@@ -70,6 +72,11 @@ class Container:
             master, slave = pty.openpty()
             self._write_fds = (slave, slave)
             self._readers = [LogReader(master, "pty-reader")]
+        elif sockets:
+            out_r, out_w = (s.detach() for s in socket.socketpair())
+            err_r, err_w = (s.detach() for s in socket.socketpair())
+            self._write_fds = (out_w, err_w)
+            self._readers = [LogReader(out_r, "stdout-reader"), LogReader(err_r, "stderr-reader")]
         else:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -164,8 +171,10 @@ class CgroupSandbox:
         self.root.mkdir()
         self.containers: list[Container] = []
 
-    def container(self, name: str | None = None, tty: bool = False) -> Container:
-        c = Container(self.root / (name or f"c-{secrets.token_hex(4)}"), tty=tty)
+    def container(
+        self, name: str | None = None, tty: bool = False, sockets: bool = False
+    ) -> Container:
+        c = Container(self.root / (name or f"c-{secrets.token_hex(4)}"), tty=tty, sockets=sockets)
         self.containers.append(c)
         return c
 

@@ -626,6 +626,11 @@ class SimNode:
 
     def started_pids(self) -> list[int]:
         """Every process the node started or learnt of: containerd, shims, ctr, containers."""
+        # A shim is learnt as the parent of its container's init, but just after the start
+        # that parent can still be runc: the live shims of this containerd are added here.
+        if self._containerd is not None:
+            for shim in _shim_pids_for(self.containerd_address):
+                self._note_pid(shim)
         with self._lock:
             return list(self._started_pids)
 

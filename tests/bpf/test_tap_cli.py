@@ -1,0 +1,126 @@
+"""The `podtap tap` command line: stream selection, --pid, text format, signals, bad input."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.kernel import REPO, start_tap, stop_tap
+from tests.simnode.containers import CgroupSandbox
+
+pytestmark = pytest.mark.kernel
+
+BOTH = (
+    "import os\n"
+    "for i in range(100): os.write(1, b'out %d\\n' % i); os.write(2, b'err %d\\n' % i)"
+)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[CgroupSandbox]:
+    box = CgroupSandbox()
+    try:
+        yield box
+    finally:
+        box.cleanup()
+
+
+@pytest.mark.parametrize(("flag", "kept"), [("--stdout", "stdout"), ("--stderr", "stderr")])
+def test_one_stream_only_is_copied(sandbox: CgroupSandbox, flag: str, kept: str) -> None:
+    c = sandbox.container()
+    c.start_init()
+    tap = start_tap("--cgroup", str(c.path), flag)
+    try:
+        assert c.python(BOTH).wait(30) == 0
+    finally:
+        out, err = c.finish()
+        stop_tap(tap)
+    assert {o["stream"] for o in tap.objects} == {kept}
+    truth = out if kept == "stdout" else err
+    assert "".join(o["message"] + "\n" for o in tap.objects).encode() == truth
+    assert tap.counters()["records"] == 100  # the other stream never reached the ring
+
+
+def test_pid_selects_the_cgroup_and_the_streams_of_that_process(sandbox: CgroupSandbox) -> None:
+    c = sandbox.container()
+    init = c.start_init()
+    tap = start_tap("--pid", str(init.pid))
+    try:
+        assert c.python(BOTH).wait(30) == 0
+    finally:
+        out, err = c.finish()
+        stop_tap(tap)
+    got = {s: "".join(o["message"] + "\n" for o in tap.objects if o["stream"] == s).encode()
+           for s in ("stdout", "stderr")}
+    assert got == {"stdout": out, "stderr": err}
+
+
+def test_text_format_and_sigterm_flush(sandbox: CgroupSandbox) -> None:
+    c = sandbox.container()
+    c.start_init()
+    tap = start_tap("--cgroup", str(c.path), fmt="text")
+    try:
+        code = "import os, time\nos.write(1, b'hello text\\n'); os.write(2, b'no newline')\n"
+        code += "time.sleep(0.3)"
+        proc = c.python(code)
+        assert proc.wait(30) == 0
+    finally:
+        c.finish()
+        stop_tap(tap, sig=signal.SIGTERM)
+    lines = tap.stdout.decode().splitlines()
+    pattern = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (\d+) (\S+) (stdout|stderr): (.*)$")
+    parsed = [pattern.match(line) for line in lines]
+    assert all(parsed), lines
+    assert [(m.group(3), m.group(4)) for m in parsed if m] == [
+        ("stdout", "hello text"), ("stderr", "no newline")
+    ]
+    assert {m.group(1) for m in parsed if m} == {str(proc.pid)}
+    assert "podtap: records=2 " in tap.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["tap"], 2, "give at least one --cgroup or --pid"),
+        (["tap", "--cgroup", "/nonexistent/podtap"], 1, "is not a cgroup v2 directory"),
+        (["tap", "--cgroup", "/"], 1, "is not a cgroup v2 directory"),
+        (["tap", "--pid", "999999999"], 1, "cannot read the cgroup of pid 999999999"),
+        (["tap", "--cgroup", "x", "--max-write", "12q"], 2, "not a size"),
+        (["tap", "--cgroup", "x", "--ring-bytes", "3000"], 2, "capture.ring_bytes must be"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args: list[str], code: int, message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, cwd=REPO, timeout=60
+    )
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr
+
+
+def test_refuses_the_root_cgroup() -> None:
+    from agent.kube.cgroups import find_cgroup2_mount
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "tap", "--cgroup", find_cgroup2_mount()],
+        capture_output=True, cwd=REPO, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert b"refusing to tap the root cgroup" in proc.stderr
+
+
+def test_check_passes_on_this_node() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check"], capture_output=True, cwd=REPO, timeout=120
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    for name in ("kernel version", "kernel BTF", "privileges", "tracefs", "tracepoints",
+                 "BPF ring buffer", "cgroup v2", "bcc", "kernel headers for bcc"):
+        assert name in out
+    assert re.search(r"^9 passed, 0 failed$", out, re.M)

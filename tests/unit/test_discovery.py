@@ -1,0 +1,1128 @@
+"""Tests of agent.kube.discovery.Discovery against real cgroups and a real (loopback) kubelet.
+
+Each test builds container cgroups under a fresh ``podtap-test-disc-<hex>`` directory of the
+live cgroup2 mount (the configured cgroup root), serves pods from a FakeKubelet over HTTPS,
+and records what Discovery writes to the kernel map. Needs root and cgroup v2: skipped
+without them, failed instead when CI=true. Processes are killed by pid and cgroups removed
+leaf-first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import KubeConfig
+from agent.kube.cgroups import CgroupError, find_cgroup2_mount
+from agent.kube.discovery import Discovery, Known
+from agent.kube.filters import FilterConfig
+from agent.kube.kubelet import KubeletClient, KubeletConfig
+from agent.kube.model import FileIdent
+from tests.simnode.containers import remove_tree
+from tests.simnode.kubelet import FakeKubelet
+from tests.simnode.tls import TLSFiles, generate_tls
+
+TOKEN = "disc-token-0123456789"
+HOST = "simnode-1"
+GRACE_S = 0.3
+SCOPE = {"containerd": "cri-containerd", "cri-o": "crio", "docker": "docker"}
+QOS_NAMES = {"besteffort": "BestEffort", "burstable": "Burstable", "guaranteed": "Guaranteed"}
+Entry = tuple[FileIdent | None, FileIdent | None, bool, bool]
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: discovery tests must run)")
+    pytest.skip(reason)
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mount() -> str:
+    if os.geteuid() != 0:
+        unavailable("needs root to create cgroups")
+    try:
+        return find_cgroup2_mount()
+    except CgroupError as e:
+        unavailable(f"no cgroup v2: {e}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return generate_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def kubelet(tls: TLSFiles) -> Iterator[FakeKubelet]:
+    with FakeKubelet(token=TOKEN, tls=tls, node_name=HOST) as fake:
+        yield fake
+
+
+@pytest.fixture
+def token_path(tmp_path: Path) -> str:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    stdout: FileIdent
+    stderr: FileIdent
+
+
+class CgroupTree:
+    """Cgroups under a private root of the cgroup2 mount, and processes in them."""
+
+    def __init__(self, mount: str) -> None:
+        self.mount = mount
+        self.name = f"podtap-test-disc-{secrets.token_hex(4)}"
+        self.roots = [self.name]
+        os.mkdir(os.path.join(mount, self.name))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def other_root(self) -> str:
+        """A sibling root that the Discovery under test is not configured with."""
+        name = f"{self.name}-other"
+        os.mkdir(os.path.join(self.mount, name))
+        self.roots.append(name)
+        return name
+
+    def make(self, relative: str, root: str | None = None) -> tuple[str, int]:
+        """Create a cgroup (and its parents); (absolute path, cgroup id = inode)."""
+        path = os.path.join(self.mount, root or self.name, relative)
+        os.makedirs(path)
+        return path, os.stat(path).st_ino
+
+    def spawn(self, cgroup_dir: str) -> Proc:
+        """A `sleep` with pipes as stdout/stderr, moved into the cgroup."""
+        popen = subprocess.Popen(
+            ["sleep", "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.procs.append(popen)
+        with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
+            f.write(str(popen.pid))
+        assert str(popen.pid) in Path(cgroup_dir, "cgroup.procs").read_text().split()
+        assert popen.stdout is not None and popen.stderr is not None
+        return Proc(popen, pipe_ident(popen.stdout.fileno()), pipe_ident(popen.stderr.fileno()))
+
+    def kill(self, proc: Proc) -> None:
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(10)
+
+    def rmdir(self, path: str) -> None:
+        """Remove one cgroup (its processes must be gone), retrying while it is busy."""
+        remove_tree(Path(path))
+
+    def cleanup(self) -> None:
+        for popen in self.procs:
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(10)
+            for pipe in (popen.stdout, popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+        for root in self.roots:
+            remove_tree(Path(self.mount, root))
+
+
+@pytest.fixture
+def tree(mount: str) -> Iterator[CgroupTree]:
+    t = CgroupTree(mount)
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+def pipe_ident(fd: int) -> FileIdent:
+    """(kernel dev, inode) of an fd: the kernel's dev_t is MAJOR << 20 | MINOR."""
+    st = os.fstat(fd)
+    return FileIdent((os.major(st.st_dev) << 20) | os.minor(st.st_dev), st.st_ino)
+
+
+class RecordingWriter:
+    """A MapWriter that keeps the map as a dict and logs every call."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, Entry] = {}
+        self.calls: list[tuple[str, int]] = []
+
+    def watch(
+        self,
+        cgroup_id: int,
+        stdout: FileIdent | None = None,
+        stderr: FileIdent | None = None,
+        capture_stdout: bool = True,
+        capture_stderr: bool = True,
+    ) -> None:
+        self.calls.append(("watch", cgroup_id))
+        self.entries[cgroup_id] = (stdout, stderr, capture_stdout, capture_stderr)
+
+    def unwatch(self, cgroup_id: int) -> None:
+        assert cgroup_id in self.entries, f"unwatch of {cgroup_id}, which is not in the map"
+        self.calls.append(("unwatch", cgroup_id))
+        del self.entries[cgroup_id]
+
+    def count(self, what: str, cgroup_id: int) -> int:
+        return self.calls.count((what, cgroup_id))
+
+
+@dataclass
+class Node:
+    """A Discovery wired to the fake kubelet, the cgroup tree and a recording writer."""
+
+    kubelet: FakeKubelet
+    tree: CgroupTree
+    token_path: str
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    kube: dict[str, Any] = field(default_factory=dict)
+    client_opts: dict[str, Any] = field(default_factory=dict)
+    forgotten: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        settings: dict[str, Any] = {
+            "cgroup_roots": (self.tree.name,),
+            "deleted_grace_s": GRACE_S,
+            "poll_interval_s": 30.0,
+            "repoll_min_interval_ms": 200,
+        }
+        settings.update(self.kube)
+        self.cfg = KubeConfig(**settings)
+        client_settings: dict[str, Any] = {
+            "url": self.kubelet.url,
+            "token_path": self.token_path,
+            "ca_path": self.kubelet.ca_path,
+            "timeout_s": 2.0,
+            "retries": 0,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.02,
+        }
+        client_settings.update(self.client_opts)
+        self.client = KubeletClient(KubeletConfig(**client_settings))
+        self.writer = RecordingWriter()
+        self.discovery = Discovery(
+            self.cfg,
+            self.filters,
+            self.client,
+            self.writer,
+            self.tree.mount,
+            HOST,
+            "/" + self.tree.name,
+        )
+        self.discovery.on_forget = self.forgotten.append
+
+    def run(self, scenario: Callable[[], Awaitable[None]]) -> None:
+        async def main() -> None:
+            try:
+                await scenario()
+            finally:
+                await self.client.close()
+
+        asyncio.run(main())
+
+    async def poll(self) -> bool:
+        return await self.discovery.poll()
+
+
+@pytest.fixture
+def node(kubelet: FakeKubelet, tree: CgroupTree, token_path: str) -> Node:
+    return Node(kubelet, tree, token_path)
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+
+def new_ids() -> tuple[str, str]:
+    """(pod uid, 64-hex container id)."""
+    return str(uuid.uuid4()), secrets.token_hex(32)
+
+
+def container_dir(driver: str, qos: str, runtime: str, uid: str, cid: str) -> str:
+    """Where the kubelet and the runtime put a container's cgroup (relative to the root)."""
+    if driver == "cgroupfs":
+        pod = f"kubepods/pod{uid}" if qos == "guaranteed" else f"kubepods/{qos}/pod{uid}"
+        leaf = f"crio-{cid}" if runtime == "cri-o" else cid
+        return f"{pod}/{leaf}"
+    u = uid.replace("-", "_")
+    if qos == "guaranteed":
+        pod = f"kubepods.slice/kubepods-pod{u}.slice"
+    else:
+        pod = f"kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice"
+    return f"{pod}/{SCOPE[runtime]}-{cid}.scope"
+
+
+def add_pod(
+    kubelet: FakeKubelet,
+    uid: str,
+    cid: str,
+    *,
+    namespace: str = "shop",
+    name: str = "web-0",
+    container: str = "app",
+    runtime: str = "containerd",
+    qos: str = "besteffort",
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> None:
+    kubelet.add_pod(
+        namespace,
+        name,
+        uid=uid,
+        containers=[(container, "nginx:1.27", f"{runtime}://{cid}")],
+        qos=QOS_NAMES[qos],
+        labels=labels,
+        annotations=annotations,
+    )
+
+
+def boot_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+# --- running containers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["containerd", "cri-o", "docker"])
+@pytest.mark.parametrize("qos", ["besteffort", "burstable", "guaranteed"])
+@pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
+def test_running_container_is_watched(node: Node, driver: str, qos: str, runtime: str) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir(driver, qos, runtime, uid, cid))
+    add_pod(node.kubelet, uid, cid, runtime=runtime, qos=qos, labels={"app": "web"})
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries == {cg: (None, None, True, True)}  # no process yet
+        known = node.discovery.lookup(cg)
+        assert isinstance(known, Known)
+        assert known.path == path
+        m = known.meta
+        assert (m.namespace, m.pod_name, m.pod_uid, m.container_name) == (
+            "shop",
+            "web-0",
+            uid,
+            "app",
+        )
+        assert (m.container_id, m.runtime, m.qos_class, m.host) == (cid, runtime, qos, HOST)
+        assert m.labels == {"app": "web"}
+        assert (known.capture_stdout, known.capture_stderr) == (True, True)
+        stats = node.discovery.stats
+        assert (stats.polls, stats.poll_errors, stats.watched, stats.excluded) == (1, 0, 1, 0)
+        # Nothing changed: a second poll writes nothing.
+        assert await node.poll()
+        assert node.writer.calls == [("watch", cg)]
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
+def test_map_entry_carries_the_pipes_of_the_first_process(node: Node, driver: str) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir(driver, "burstable", "containerd", uid, cid))
+    proc = node.tree.spawn(path)
+    add_pod(node.kubelet, uid, cid, qos="burstable")
+
+    async def scenario() -> None:
+        assert await node.poll()
+        stdout, stderr, cap_out, cap_err = node.writer.entries[cg]
+        assert (stdout, stderr) == (proc.stdout, proc.stderr)
+        assert stdout != stderr
+        assert (cap_out, cap_err) == (True, True)
+        known = node.discovery.lookup(cg)
+        assert known is not None and (known.stdout, known.stderr) == (proc.stdout, proc.stderr)
+
+    node.run(scenario)
+
+
+def test_process_that_joins_later_is_picked_up_at_the_next_poll(node: Node) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries[cg] == (None, None, True, True)
+        proc = node.tree.spawn(path)
+        assert await node.poll()
+        assert node.writer.entries[cg] == (proc.stdout, proc.stderr, True, True)
+        assert node.writer.count("watch", cg) == 2
+        assert node.writer.count("unwatch", cg) == 0
+
+    node.run(scenario)
+
+
+def test_several_pods_and_containers(node: Node) -> None:
+    expected: dict[int, tuple[str, str, Entry]] = {}
+    for i, driver in enumerate(["cgroupfs", "systemd", "cgroupfs", "systemd"]):
+        uid, cid = new_ids()
+        path, cg = node.tree.make(container_dir(driver, "besteffort", "containerd", uid, cid))
+        entry: Entry = (None, None, True, True)
+        if i % 2:
+            proc = node.tree.spawn(path)
+            entry = (proc.stdout, proc.stderr, True, True)
+        add_pod(node.kubelet, uid, cid, name=f"pod-{i}", container=f"c{i}")
+        expected[cg] = (f"pod-{i}", cid, entry)
+    # A pod whose container has no cgroup yet (not created): not in the map, not known.
+    uid, cid = new_ids()
+    add_pod(node.kubelet, uid, cid, name="later")
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries == {cg: e for cg, (_, _, e) in expected.items()}
+        for cg, (pod, cid, _) in expected.items():
+            known = node.discovery.lookup(cg)
+            assert known is not None
+            assert (known.meta.pod_name, known.meta.container_id) == (pod, cid)
+        assert len(node.discovery.known) == 4
+        assert node.discovery.stats.watched == 4
+
+    node.run(scenario)
+
+
+def test_container_outside_the_configured_roots_is_ignored(node: Node) -> None:
+    uid, cid = new_ids()
+    other = node.tree.other_root()
+    path, cg = node.tree.make(
+        container_dir("cgroupfs", "besteffort", "containerd", uid, cid), root=other
+    )
+    node.tree.spawn(path)
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.calls == []
+        assert node.discovery.lookup(cg) is None
+        assert node.discovery.known == {}
+
+    node.run(scenario)
+
+
+# --- exclusion -----------------------------------------------------------------------------
+
+EXCLUSIONS: list[Any] = [
+    pytest.param({"annotations": {"podtap.io/exclude": "true"}}, FilterConfig(), id="annotation"),
+    pytest.param(
+        {"annotations": {"podtap.io/exclude": "TRUE"}}, FilterConfig(), id="annotation-case"
+    ),
+    pytest.param(
+        {"annotations": {"podtap.io/exclude-app": "true"}},
+        FilterConfig(),
+        id="container-annotation",
+    ),
+    pytest.param({}, FilterConfig(exclude_namespaces=("sh*",)), id="exclude-namespace"),
+    pytest.param({}, FilterConfig(include_namespaces=("kube-system",)), id="include-namespace"),
+    pytest.param(
+        {"labels": {"app": "web"}},
+        FilterConfig(exclude_pod_labels="app in (web,db)"),
+        id="exclude-labels",
+    ),
+    pytest.param(
+        {"labels": {"app": "web"}}, FilterConfig(include_pod_labels="app=api"), id="include-labels"
+    ),
+    pytest.param({}, FilterConfig(include_pod_labels="team"), id="include-labels-missing"),
+    pytest.param({}, FilterConfig(stdout=False, stderr=False), id="both-streams-off"),
+]
+
+
+@pytest.mark.parametrize(("pod", "filters"), EXCLUSIONS)
+def test_excluded_container_is_in_the_map_with_capture_off(
+    kubelet: FakeKubelet,
+    tree: CgroupTree,
+    token_path: str,
+    pod: dict[str, Any],
+    filters: FilterConfig,
+) -> None:
+    node = Node(kubelet, tree, token_path, filters=filters)
+    uid, cid = new_ids()
+    path, cg = tree.make(container_dir("systemd", "besteffort", "containerd", uid, cid))
+    tree.spawn(path)
+    add_pod(kubelet, uid, cid, **pod)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        stdout, stderr, cap_out, cap_err = node.writer.entries[cg]
+        assert (cap_out, cap_err) == (False, False)
+        known = node.discovery.lookup(cg)
+        assert known is not None and known.excluded
+        assert known.meta.container_id == cid  # the metadata is still known
+        stats = node.discovery.stats
+        assert (stats.watched, stats.excluded) == (0, 1)
+        assert await node.poll()
+        assert node.writer.calls == [("watch", cg)]
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "filters", "flags"),
+    [
+        ({"podtap.io/exclude-stdout": "true"}, FilterConfig(), (False, True)),
+        ({"podtap.io/exclude-stderr": "true"}, FilterConfig(), (True, False)),
+        ({}, FilterConfig(stdout=False), (False, True)),
+        ({}, FilterConfig(stderr=False), (True, False)),
+        ({"podtap.io/exclude": "false"}, FilterConfig(), (True, True)),
+        ({"podtap.io/exclude-other": "true"}, FilterConfig(), (True, True)),
+    ],
+)
+def test_stream_flags_reach_the_map(
+    kubelet: FakeKubelet,
+    tree: CgroupTree,
+    token_path: str,
+    annotations: dict[str, str],
+    filters: FilterConfig,
+    flags: tuple[bool, bool],
+) -> None:
+    node = Node(kubelet, tree, token_path, filters=filters)
+    uid, cid = new_ids()
+    path, cg = tree.make(container_dir("cgroupfs", "burstable", "cri-o", uid, cid))
+    proc = tree.spawn(path)
+    add_pod(kubelet, uid, cid, runtime="cri-o", qos="burstable", annotations=annotations)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries[cg] == (proc.stdout, proc.stderr, *flags)
+        assert node.discovery.stats.watched == 1
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "process"),
+    [
+        pytest.param({}, {"podtap.io/exclude": "true"}, True, id="excluded-later"),
+        pytest.param({}, {"podtap.io/exclude": "true"}, False, id="excluded-later-no-process"),
+        pytest.param({"podtap.io/exclude": "true"}, {}, False, id="included-later-no-process"),
+        pytest.param({}, {"podtap.io/exclude-stderr": "true"}, True, id="stream-off-later"),
+        pytest.param({"podtap.io/exclude-stdout": "true"}, {}, True, id="stream-on-later"),
+    ],
+)
+def test_changed_capture_flags_update_the_map(
+    node: Node, first: dict[str, str], then: dict[str, str], process: bool
+) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    if process:
+        node.tree.spawn(path)
+    add_pod(node.kubelet, uid, cid, annotations=first)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        add_pod(node.kubelet, uid, cid, annotations=then)
+        assert await node.poll()
+        known = node.discovery.lookup(cg)
+        assert known is not None
+        assert node.writer.entries[cg][2:] == (known.capture_stdout, known.capture_stderr)
+
+    node.run(scenario)
+
+
+# --- containers that go away ---------------------------------------------------------------
+
+
+def test_removed_pod_is_kept_for_the_grace_period_then_forgotten(node: Node) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir("systemd", "besteffort", "containerd", uid, cid))
+    proc = node.tree.spawn(path)
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert cg in node.writer.entries
+        node.kubelet.remove_pod("shop", "web-0")
+        removed_at = time.monotonic()
+        assert await node.poll()
+        # Within the grace period: metadata and map entry stay (late lines still enriched).
+        known = node.discovery.lookup(cg)
+        assert known is not None and known.meta.container_id == cid
+        assert node.writer.entries[cg] == (proc.stdout, proc.stderr, True, True)
+        assert node.forgotten == []
+        await asyncio.sleep(GRACE_S / 3)
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is not None
+        assert node.forgotten == []
+        await asyncio.sleep(max(0.0, removed_at + GRACE_S + 0.05 - time.monotonic()))
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is None
+        assert cg not in node.writer.entries
+        assert node.writer.count("unwatch", cg) == 1
+        assert node.forgotten == [cg]
+        assert node.discovery.stats.watched == 0
+        assert await node.poll()  # nothing more happens
+        assert node.forgotten == [cg]
+        assert node.writer.count("unwatch", cg) == 1
+
+    node.run(scenario)
+
+
+def test_pod_back_within_the_grace_period_is_not_forgotten(node: Node) -> None:
+    uid, cid = new_ids()
+    _path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        node.kubelet.remove_pod("shop", "web-0")
+        assert await node.poll()
+        add_pod(node.kubelet, uid, cid)
+        assert await node.poll()
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is not None
+        assert node.forgotten == []
+        assert cg in node.writer.entries
+
+    node.run(scenario)
+
+
+def test_zero_grace_forgets_at_the_next_poll(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    node = Node(kubelet, tree, token_path, kube={"deleted_grace_s": 0.0})
+    uid, cid = new_ids()
+    _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        kubelet.remove_pod("shop", "web-0")
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is None
+        assert node.forgotten == [cg]
+        assert node.writer.entries == {}
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("registered", "still_listed"),
+    [
+        pytest.param(True, True, id="created-event-pod-listed"),
+        pytest.param(False, True, id="no-created-event-pod-listed"),
+        pytest.param(True, False, id="created-event-pod-removed"),
+        pytest.param(False, False, id="no-created-event-pod-removed"),
+    ],
+)
+def test_vanished_cgroup_is_unwatched_but_metadata_stays(
+    node: Node, registered: bool, still_listed: bool
+) -> None:
+    uid, cid = new_ids()
+    relative = container_dir("cgroupfs", "besteffort", "containerd", uid, cid)
+    path, cg = node.tree.make(relative)
+    proc = node.tree.spawn(path)
+    add_pod(node.kubelet, uid, cid)
+    if registered:
+        node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{relative}", boot_ns())
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries[cg] == (proc.stdout, proc.stderr, True, True)
+        node.tree.kill(proc)
+        node.tree.rmdir(path)
+        if not still_listed:
+            node.kubelet.remove_pod("shop", "web-0")
+        assert await node.poll()
+        # The cgroup is gone: its map entry goes at once; its metadata stays for late lines.
+        assert cg not in node.writer.entries
+        known = node.discovery.lookup(cg)
+        assert known is not None and known.meta.container_id == cid
+        assert node.forgotten == []
+
+    node.run(scenario)
+
+
+def test_vanished_cgroup_metadata_goes_after_the_grace_period(node: Node) -> None:
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir("systemd", "burstable", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid, qos="burstable")
+
+    async def scenario() -> None:
+        assert await node.poll()
+        node.tree.rmdir(path)
+        node.kubelet.remove_pod("shop", "web-0")
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is not None
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is None
+        assert node.forgotten == [cg]
+        assert node.writer.entries == {}
+
+    node.run(scenario)
+
+
+# --- cgroups seen being created ------------------------------------------------------------
+
+CREATED_PATHS = [
+    pytest.param("kubepods/besteffort/pod{uid}/{cid}", "containerd", id="cgroupfs"),
+    pytest.param("kubepods/pod{uid}/{cid}", "containerd", id="cgroupfs-guaranteed"),
+    pytest.param("kubepods/burstable/pod{uid}/crio-{cid}", "cri-o", id="cgroupfs-crio"),
+    pytest.param(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/"
+        "cri-containerd-{cid}.scope",
+        "containerd",
+        id="systemd-containerd",
+    ),
+    pytest.param(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/"
+        "crio-{cid}.scope/container",
+        "cri-o",
+        id="systemd-crun-child",
+    ),
+    pytest.param(
+        "kubepods.slice/kubepods-pod{uid_}.slice/docker-{cid}.scope",
+        "docker",
+        id="systemd-docker-guaranteed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("template", "runtime"), CREATED_PATHS)
+def test_created_cgroup_is_identified_after_its_directory_is_gone(
+    node: Node, template: str, runtime: str
+) -> None:
+    """A container that ran and exited between two polls: its cgroup id is known from the
+    creation event, its directory is gone by the time the kubelet reports it."""
+    uid, cid = new_ids()
+    relative = template.format(uid=uid, uid_=uid.replace("-", "_"), cid=cid)
+    path, cg = node.tree.make(relative)
+    # The container's cgroup goes (with its scope, for crun's "container" child).
+    node.tree.rmdir(os.path.dirname(path) if path.endswith("/container") else path)
+    assert not os.path.exists(path)
+    node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{relative}", boot_ns())
+    qos = (
+        "guaranteed"
+        if "kubepods/pod" in relative or "kubepods-pod" in relative
+        else ("burstable" if "burstable" in relative else "besteffort")
+    )
+    add_pod(node.kubelet, uid, cid, runtime=runtime, qos=qos)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        known = node.discovery.lookup(cg)
+        assert known is not None
+        assert (known.meta.container_id, known.meta.pod_uid, known.meta.pod_name) == (
+            cid,
+            uid,
+            "web-0",
+        )
+        assert (known.capture_stdout, known.capture_stderr) == (True, True)
+        assert cg not in node.writer.entries  # its id will never write again
+        # Still known while the kubelet lists it.
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is not None
+        # Forgotten after the grace period once the kubelet no longer lists it.
+        node.kubelet.remove_pod("shop", "web-0")
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is not None
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is None
+        assert node.forgotten == [cg]
+
+    node.run(scenario)
+
+
+def test_created_cgroup_that_still_exists_is_watched(node: Node) -> None:
+    uid, cid = new_ids()
+    relative = container_dir("cgroupfs", "besteffort", "containerd", uid, cid)
+    path, cg = node.tree.make(relative)
+    proc = node.tree.spawn(path)
+    node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{relative}", boot_ns())
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries == {cg: (proc.stdout, proc.stderr, True, True)}
+        assert node.discovery.stats.watch_delay_count == 1
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize(
+    "make_path",
+    [
+        pytest.param(lambda root, rel: f"/{root}-other/{rel}", id="sibling-root"),
+        pytest.param(lambda root, rel: f"/{root}x/{rel}", id="name-prefix-only"),
+        pytest.param(lambda root, rel: f"/{rel}", id="mount-root"),
+        pytest.param(lambda root, rel: f"/system.slice/{rel}", id="system-slice"),
+        pytest.param(lambda root, rel: f"{root}/{rel}", id="relative"),
+        pytest.param(lambda root, rel: f"/{root}", id="the-prefix-itself"),
+        pytest.param(lambda root, rel: f"/{root}/{rel.rsplit('/', 1)[0]}", id="pod-cgroup"),
+        pytest.param(
+            lambda root, rel: f"/{root}/{rel.rsplit('/', 1)[0]}/crio-conmon-{rel[-64:]}.scope",
+            id="conmon-scope",
+        ),
+    ],
+)
+def test_created_paths_outside_the_pods_prefix_or_not_containers_are_ignored(
+    node: Node, make_path: Callable[[str, str], str]
+) -> None:
+    uid, cid = new_ids()
+    relative = container_dir("cgroupfs", "besteffort", "containerd", uid, cid)
+    cg = 987_654_321  # no such cgroup: only the event can identify it
+    node.discovery.on_cgroup_created(cg, make_path(node.tree.name, relative), boot_ns())
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.discovery.lookup(cg) is None
+        assert node.discovery.known == {}
+        assert node.writer.calls == []
+
+    node.run(scenario)
+
+
+def test_created_cgroups_never_reported_are_not_kept_forever(node: Node) -> None:
+    uid, _cid = new_ids()
+    sandbox = secrets.token_hex(32)  # the pause container: never in containerStatuses
+    relative = f"kubepods/besteffort/pod{uid}/{sandbox}"
+    path, cg = node.tree.make(relative)
+    node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{relative}", boot_ns())
+    node.tree.rmdir(path)
+    # Kept while a held line could still need it: the grace period and the hold timeout.
+    node.discovery.cfg = dataclasses.replace(node.discovery.cfg, hold_timeout_s=GRACE_S)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll()
+        assert await node.poll()
+        assert cg not in node.discovery.created
+
+    node.run(scenario)
+
+
+# --- kubelet faults ------------------------------------------------------------------------
+
+FAULTS = ["401", "403", "429", "500", "malformed", "not_podlist", "down", "slow"]
+
+
+@pytest.mark.parametrize("mode", FAULTS)
+def test_kubelet_fault_keeps_known_containers(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str, mode: str
+) -> None:
+    node = Node(kubelet, tree, token_path, client_opts={"timeout_s": 0.5})
+    uid, cid = new_ids()
+    path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    proc = tree.spawn(path)
+    add_pod(kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        entry = node.writer.entries[cg]
+        assert entry == (proc.stdout, proc.stderr, True, True)
+        kubelet.set_mode(mode, slow_delay_s=2.0)
+        for i in range(1, 3):
+            assert await node.poll() is False
+            stats = node.discovery.stats
+            assert (stats.polls, stats.poll_errors) == (1 + i, i)
+            assert stats.last_error
+            assert node.writer.calls == [("watch", cg)]  # no unwatch, no rewrite
+            known = node.discovery.lookup(cg)
+            assert known is not None and known.meta.container_id == cid
+        # Even past the grace period: a failed poll says nothing about the containers.
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll() is False
+        assert node.discovery.lookup(cg) is not None
+        assert node.forgotten == []
+        kubelet.set_mode("ok")
+        assert await node.poll() is True
+        assert node.writer.entries == {cg: entry}
+        assert node.writer.calls == [("watch", cg)]
+        assert node.discovery.stats.poll_errors == 3
+
+    node.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("mode", "level"),
+    [
+        ("401", logging.ERROR),
+        ("403", logging.ERROR),
+        ("500", logging.WARNING),
+        ("malformed", logging.WARNING),
+        ("down", logging.WARNING),
+    ],
+)
+def test_poll_errors_are_logged_once_while_they_last(
+    node: Node, caplog: pytest.LogCaptureFixture, mode: str, level: int
+) -> None:
+    caplog.set_level(logging.INFO, logger="podtap.kube")
+
+    def kubelet_logs() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "podtap.kube" and "kubelet:" in r.message]
+
+    async def scenario() -> None:
+        node.kubelet.set_mode(mode)
+        for _ in range(3):
+            assert await node.poll() is False
+        [record] = kubelet_logs()
+        assert record.levelno == level
+        assert TOKEN not in record.message
+        assert node.discovery.stats.poll_errors == 3
+
+    node.run(scenario)
+
+
+def test_a_new_outage_is_logged_again(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="podtap.kube")
+
+    async def scenario() -> None:
+        node.kubelet.set_mode("500")
+        assert await node.poll() is False
+        node.kubelet.set_mode("ok")
+        assert await node.poll() is True
+        node.kubelet.set_mode("500")
+        assert await node.poll() is False
+        logged = [r for r in caplog.records if r.name == "podtap.kube" and "kubelet:" in r.message]
+        assert len(logged) == 2
+
+    node.run(scenario)
+
+
+def test_unreadable_token_is_a_failed_poll(node: Node) -> None:
+    uid, cid = new_ids()
+    _path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        os.unlink(node.token_path)
+        assert await node.poll() is False
+        assert node.discovery.stats.poll_errors == 1
+        assert "token" in node.discovery.stats.last_error
+        assert TOKEN not in node.discovery.stats.last_error
+        assert node.discovery.lookup(cg) is not None
+
+    node.run(scenario)
+
+
+def test_malformed_pods_are_counted_and_the_others_kept(node: Node) -> None:
+    uid, cid = new_ids()
+    _path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid)
+    node.kubelet.put_raw_pod("junk", "a", "not a pod")
+    node.kubelet.put_raw_pod("junk", "b", {"metadata": {"name": 5}})
+
+    async def scenario() -> None:
+        assert await node.poll() is True
+        assert node.discovery.stats.malformed == 2
+        assert node.discovery.stats.poll_errors == 0
+        assert set(node.writer.entries) == {cg}
+
+    node.run(scenario)
+
+
+# --- the polling loop ----------------------------------------------------------------------
+
+
+class PollClock:
+    """Records when Discovery.poll starts (wrapping the instance's method)."""
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.times: list[float] = []
+        self.done = 0
+        original = discovery.poll
+
+        async def poll() -> bool:
+            self.times.append(time.monotonic())
+            try:
+                return await original()
+            finally:
+                self.done += 1
+
+        discovery.poll = poll  # type: ignore[method-assign]
+
+    async def wait_for(self, count: int, timeout: float) -> None:
+        """Until `count` polls have started and finished."""
+        deadline = time.monotonic() + timeout
+        while self.done < count:
+            assert time.monotonic() < deadline, f"only {len(self.times)} polls, wanted {count}"
+            await asyncio.sleep(0.005)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+EPS = 0.005  # timer slack of the event loop
+
+
+@pytest.mark.parametrize("min_interval_ms", [100, 300])
+def test_requested_polls_are_prompt_and_rate_limited(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str, min_interval_ms: int
+) -> None:
+    node = Node(
+        kubelet,
+        tree,
+        token_path,
+        kube={"poll_interval_s": 30.0, "repoll_min_interval_ms": min_interval_ms},
+    )
+    gap = min_interval_ms / 1000
+    uid, cid = new_ids()
+    _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(kubelet, uid, cid)
+
+    async def scenario() -> None:
+        clock = PollClock(node.discovery)
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            await asyncio.sleep(0.05)
+            assert clock.times == []  # no request, long interval: no poll yet
+            t0 = time.monotonic()
+            node.discovery.request_poll()
+            await clock.wait_for(1, 1.0)
+            assert clock.times[0] - t0 < 0.1  # the first request is served at once
+            assert node.discovery.lookup(cg) is not None
+            # Two quick requests: served by one poll, at least the minimum interval later.
+            node.discovery.request_poll()
+            node.discovery.request_poll()
+            await clock.wait_for(2, 2.0)
+            assert clock.times[1] - clock.times[0] >= gap - EPS
+            assert clock.times[1] - clock.times[0] < gap + 0.25
+            await asyncio.sleep(gap + 0.1)
+            assert len(clock.times) == 2
+            # Requests during the wait are coalesced too; a burst of requests never polls
+            # faster than the minimum interval.
+            for _ in range(20):
+                node.discovery.request_poll()
+                await asyncio.sleep(gap / 10)
+            await asyncio.sleep(gap + 0.1)
+            intervals = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+            assert all(i >= gap - EPS for i in intervals), intervals
+            assert 3 <= len(clock.times) <= 5
+        finally:
+            await stop(task)
+
+    node.run(scenario)
+
+
+def test_created_cgroup_triggers_a_poll(node: Node) -> None:
+    uid, cid = new_ids()
+    relative = container_dir("systemd", "besteffort", "containerd", uid, cid)
+    path, cg = node.tree.make(relative)
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        clock = PollClock(node.discovery)
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            await asyncio.sleep(0.02)
+            node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{relative}", boot_ns())
+            await clock.wait_for(1, 1.0)
+            assert cg in node.writer.entries
+            # A path outside the pods' subtree asks for nothing.
+            node.discovery.on_cgroup_created(cg + 1, f"/elsewhere/{relative}", boot_ns())
+            await asyncio.sleep(node.cfg.repoll_min_interval_ms / 1000 + 0.1)
+            assert len(clock.times) == 1
+        finally:
+            await stop(task)
+
+    node.run(scenario)
+
+
+def test_run_polls_every_interval_on_its_own(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    interval = 0.15
+    node = Node(
+        kubelet,
+        tree,
+        token_path,
+        kube={"poll_interval_s": interval, "repoll_min_interval_ms": 10},
+    )
+    uid, cid = new_ids()
+    _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+
+    async def scenario() -> None:
+        clock = PollClock(node.discovery)
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            t0 = time.monotonic()
+            await clock.wait_for(1, 2.0)
+            assert clock.times[0] - t0 >= interval - EPS
+            add_pod(kubelet, uid, cid)  # found by the next periodic poll, unasked
+            await clock.wait_for(4, 3.0)
+            intervals = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+            assert all(interval - EPS <= i < interval + 0.25 for i in intervals), intervals
+            assert node.discovery.lookup(cg) is not None
+        finally:
+            await stop(task)
+
+    node.run(scenario)
+
+
+def test_run_repolls_while_asked_to_rate_limited(node: Node) -> None:
+    """wants_repoll() (the enricher holding lines) keeps polling, at the minimum interval."""
+    gap = node.cfg.repoll_min_interval_ms / 1000
+    wanted = [True]
+    node.discovery.wants_repoll = lambda: wanted[0]
+
+    async def scenario() -> None:
+        clock = PollClock(node.discovery)
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            node.discovery.request_poll()
+            await clock.wait_for(4, 3.0)
+            wanted[0] = False
+            await asyncio.sleep(gap * 2 + 0.1)
+            count = len(clock.times)
+            await asyncio.sleep(gap * 2)
+            assert len(clock.times) == count  # no longer asked: no more polls
+            intervals = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+            assert all(gap - EPS <= i < gap + 0.25 for i in intervals), intervals
+        finally:
+            await stop(task)
+
+    node.run(scenario)
+
+
+def test_run_survives_kubelet_faults(node: Node) -> None:
+    uid, cid = new_ids()
+    _path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    add_pod(node.kubelet, uid, cid)
+    gap = node.cfg.repoll_min_interval_ms / 1000
+
+    async def scenario() -> None:
+        clock = PollClock(node.discovery)
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            for n, mode in enumerate(["down", "500", "malformed", "401", "ok"], start=1):
+                node.kubelet.set_mode(mode)
+                node.discovery.request_poll()
+                await clock.wait_for(n, gap + 2.0)
+                assert not task.done()
+            assert node.discovery.stats.poll_errors == 4
+            assert node.discovery.lookup(cg) is not None
+            assert cg in node.writer.entries
+        finally:
+            await stop(task)
+
+    node.run(scenario)
