@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import pytest
@@ -41,13 +41,17 @@ def kernel_unavailable_reason() -> str | None:
     return None
 
 
-def require_kernel() -> None:
-    reason = kernel_unavailable_reason()
-    if reason is None:
-        return
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test that cannot run here; with CI=true, fail it instead."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_kernel() -> None:
+    reason = kernel_unavailable_reason()
+    if reason is not None:
+        unavailable(reason)
 
 
 class LiveProbe:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,14 +17,6 @@ pytestmark = pytest.mark.kernel
 
 BURST_LINES = 200_000
 
-
-@pytest.fixture
-def sandbox() -> Iterator[CgroupSandbox]:
-    box = CgroupSandbox()
-    try:
-        yield box
-    finally:
-        box.cleanup()
 
 
 def burst_code(lines: int) -> str:

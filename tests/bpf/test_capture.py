@@ -6,8 +6,6 @@ once per session, records -> lines) and through `podtap tap --format json`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from agent.capture.events import EV_DATA, EV_EXIT, F_FD_FALLBACK
@@ -52,14 +50,6 @@ def _diff(name: str, got: bytes, truth: bytes) -> str:
         f"captured {got[max(0, at - 40):at + 40]!r} pipe {truth[max(0, at - 40):at + 40]!r}"
     )
 
-
-@pytest.fixture
-def sandbox() -> Iterator[CgroupSandbox]:
-    box = CgroupSandbox()
-    try:
-        yield box
-    finally:
-        box.cleanup()
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

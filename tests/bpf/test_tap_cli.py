@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,14 +19,6 @@ BOTH = (
     "for i in range(100): os.write(1, b'out %d\\n' % i); os.write(2, b'err %d\\n' % i)"
 )
 
-
-@pytest.fixture
-def sandbox() -> Iterator[CgroupSandbox]:
-    box = CgroupSandbox()
-    try:
-        yield box
-    finally:
-        box.cleanup()
 
 
 @pytest.mark.parametrize(("flag", "kept"), [("--stdout", "stdout"), ("--stderr", "stderr")])

@@ -54,21 +54,6 @@ SCOPE_PREFIX = {"containerd": "cri-containerd", "cri-o": "crio", "docker": "dock
 # --- fixtures: real cgroups ----------------------------------------------------------------
 
 
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: cgroup tests must run)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def mount() -> str:
-    if os.geteuid() != 0:
-        unavailable("needs root to create cgroups")
-    try:
-        return find_cgroup2_mount()
-    except CgroupError as e:
-        unavailable(f"no cgroup v2: {e}")
-        raise
 
 
 def rmdir_when_empty(path: str) -> None:

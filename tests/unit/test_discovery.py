@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 
 from agent.config import KubeConfig
-from agent.kube.cgroups import CgroupError, find_cgroup2_mount
 from agent.kube.discovery import Discovery, Known
 from agent.kube.filters import FilterConfig
 from agent.kube.kubelet import KubeletClient, KubeletConfig
@@ -44,24 +43,9 @@ QOS_NAMES = {"besteffort": "BestEffort", "burstable": "Burstable", "guaranteed":
 Entry = tuple[FileIdent | None, FileIdent | None, bool, bool]
 
 
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: discovery tests must run)")
-    pytest.skip(reason)
-
 
 # --- fixtures ------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def mount() -> str:
-    if os.geteuid() != 0:
-        unavailable("needs root to create cgroups")
-    try:
-        return find_cgroup2_mount()
-    except CgroupError as e:
-        unavailable(f"no cgroup v2: {e}")
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Needs root, containerd, runc and busybox-static: skipped without them, failed wh
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from agent.kube.cgroups import resolve
 from agent.kube.kubelet import KubeletClient
 from agent.kube.pods import running_containers
+from tests.kernel import unavailable
 from tests.simnode import node as node_module
 from tests.simnode.node import (
     PREFIX_STEM,
@@ -41,11 +41,8 @@ PRINT_V2_CGROUP = (
 
 def _require_simnode() -> None:
     reason = simnode_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
-    pytest.skip(reason)
+    if reason is not None:
+        unavailable(reason)
 
 
 @pytest.fixture(scope="session")
