@@ -79,6 +79,12 @@ class KubeConfig:
     deleted_grace_s: float = 60.0  # metadata of a gone container is kept this long
     hold_max_bytes: int = 16 << 20  # lines of not-yet-known containers kept, at most
     hold_timeout_s: float = 30.0  # then they are dropped (and counted)
+    # The API server, for what the kubelet cannot give (namespace labels).
+    apiserver_url: str = ""  # "" = in-cluster (KUBERNETES_SERVICE_HOST/PORT)
+    apiserver_ca_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    apiserver_insecure_skip_verify: bool = False
+    namespace_watch_timeout_s: int = 300
+    namespace_sync_wait_s: float = 2.0  # wait at start for the first namespace list
 
     def validate(self) -> None:
         if self.kubelet_url:
@@ -96,6 +102,14 @@ class KubeConfig:
         _require(self.hold_max_bytes >= 0, "kube.hold_max_bytes", ">= 0")
         _require(self.hold_timeout_s > 0, "kube.hold_timeout_s", "> 0")
         _require(bool(self.cgroup_roots), "kube.cgroup_roots", "a non-empty list")
+        if self.apiserver_url:
+            _require(self.apiserver_url.startswith("https://"), "kube.apiserver_url", "https://…")
+        _require(
+            1 <= self.namespace_watch_timeout_s <= 3600,
+            "kube.namespace_watch_timeout_s",
+            "in [1, 3600]",
+        )
+        _require(self.namespace_sync_wait_s >= 0, "kube.namespace_sync_wait_s", ">= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,8 @@ class RecordsConfig:
     schema: str = "fluentbit"  # or "otel"
     dedot_labels: bool | None = None  # None = on for Elasticsearch sinks, else off
     include_annotations: bool = False
+    include_namespace_labels: bool = False  # needs list/watch on namespaces (API server)
+    include_node_labels: bool = False  # needs get on nodes (API server), read at start
     time_key: str = "time"
     timestamp_key_es: bool = False
 

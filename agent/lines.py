@@ -77,23 +77,59 @@ class LineAssembler:
         self, pid: int, stream: int, ts_ns: int, tag: object, data: bytes, out: list[Line]
     ) -> None:
         """Append the lines completed by `data` to `out`; keep the unterminated rest."""
-        if not data:
+        n = len(data)
+        if not n:
             return
         key = (pid, stream)
-        st = self._pending.get(key)
-        if st is None and len(data) < self._max_line:
-            # Fast path: nothing pending and every piece is shorter than max_line.
-            if data[-1] == 10 and data.find(b"\n") == len(data) - 1:
-                out.append((ts_ns, pid, stream, tag, data[:-1], False))
+        pending = self._pending
+        st = pending.get(key)
+        nl = data.find(b"\n")
+        if st is None:
+            if n < self._max_line:
+                # Fast path: nothing pending and every piece is shorter than max_line.
+                if nl == n - 1:  # exactly one line
+                    out.append((ts_ns, pid, stream, tag, data[:nl], False))
+                    return
+                if nl >= 0:
+                    parts = data.split(b"\n")
+                    data = parts.pop()
+                    out += [(ts_ns, pid, stream, tag, p, False) for p in parts]
+                    n = len(data)
+                    if not n:
+                        return
+                # New pending line (inline _new_state).
+                if len(pending) >= self._max_streams:
+                    self._evict_oldest(out)
+                pending[key] = [ts_ns, tag, ts_ns, n, [data]]
+                streams = self._pids.get(pid)
+                if streams is None:
+                    self._pids[pid] = {stream}
+                else:
+                    streams.add(stream)
                 return
-            parts = data.split(b"\n")
-            tail = parts.pop()
-            if parts:
-                out += [(ts_ns, pid, stream, tag, p, False) for p in parts]
-            if tail:
-                self._new_state(key, pid, stream, [ts_ns, tag, ts_ns, len(tail), [tail]], out)
-            return
-        self._feed_slow(key, pid, stream, ts_ns, tag, data, st, out)
+        elif nl == n - 1:
+            if st[3] + nl < self._max_line:
+                # The chunk ends the pending line and holds no other newline.
+                pieces = st[4]
+                pieces.append(data[:nl])
+                out.append((st[0], pid, stream, st[1], b"".join(pieces), False))
+                del pending[key]
+                streams = self._pids[pid]
+                if len(streams) == 1:
+                    del self._pids[pid]
+                else:
+                    streams.discard(stream)
+                return
+        elif nl < 0:
+            size = st[3] + n
+            if size < self._max_line:
+                # The pending line grows.
+                st[2] = ts_ns
+                st[3] = size
+                st[4].append(data)
+                pending.move_to_end(key)
+                return
+        self._feed_slow(key, pid, stream, ts_ns, tag, data, nl, st, out)
 
     def _feed_slow(
         self,
@@ -103,23 +139,18 @@ class LineAssembler:
         ts_ns: int,
         tag: object,
         data: bytes,
+        nl: int,
         st: _State | None,
         out: list[Line],
     ) -> None:
+        # Everything the fast paths of `feed` do not handle; `nl` is data.find(b"\n").
         max_line = self._max_line
         append = out.append
-        nl = data.find(b"\n")
 
         if st is not None:
             st[2] = ts_ns
             if nl < 0:
-                # No newline: the pending line grows.
-                size = st[3] + len(data)
-                if size < max_line:
-                    st[3] = size
-                    st[4].append(data)
-                    self._pending.move_to_end(key)
-                    return
+                # No newline, and the pending line reaches max_line: cut pieces.
                 pieces = st[4]
                 pieces.append(data)
                 buf = b"".join(pieces)
@@ -140,9 +171,10 @@ class LineAssembler:
                 else:
                     self._drop(key, pid, stream)
                 return
+            parts = data.split(b"\n")
             # The first newline completes the pending line.
             pieces = st[4]
-            pieces.append(data[:nl])
+            pieces.append(parts[0])
             first = b"".join(pieces)
             n = len(first)
             if n < max_line:
@@ -155,18 +187,20 @@ class LineAssembler:
                     append((ts_ns, pid, stream, tag, first[off:end], True))
                     off = end
                 append((ts_ns, pid, stream, tag, first[off:], False))
-            rest = data[nl + 1 :]
+            start = 1  # parts[0] is done
         else:
-            rest = data
+            parts = data.split(b"\n") if nl >= 0 else [data]
+            start = 0
 
-        # Everything in `rest` comes from this feed and nothing is pending before it.
-        parts = rest.split(b"\n")
+        # parts[start:-1] are complete lines and parts[-1] the unterminated tail, all of
+        # this feed, with nothing pending before them.
         tail = parts.pop()
-        if parts:
-            if max(map(len, parts)) < max_line:
-                out += [(ts_ns, pid, stream, tag, p, False) for p in parts]
+        if len(parts) > start:
+            rest = parts[start:] if start else parts
+            if max(map(len, rest)) < max_line:
+                out += [(ts_ns, pid, stream, tag, p, False) for p in rest]
             else:
-                for p in parts:
+                for p in rest:
                     n = len(p)
                     off = 0
                     while n - off >= max_line:
@@ -202,15 +236,18 @@ class LineAssembler:
     ) -> None:
         pending = self._pending
         if len(pending) >= self._max_streams:
-            old_key, old = pending.popitem(last=False)
-            self._unindex(old_key[0], old_key[1])
-            out.append((old[0], old_key[0], old_key[1], old[1], b"".join(old[4]), True))
+            self._evict_oldest(out)
         pending[key] = st
         streams = self._pids.get(pid)
         if streams is None:
             self._pids[pid] = {stream}
         else:
             streams.add(stream)
+
+    def _evict_oldest(self, out: list[Line]) -> None:
+        (pid, stream), st = self._pending.popitem(last=False)
+        self._unindex(pid, stream)
+        out.append((st[0], pid, stream, st[1], b"".join(st[4]), True))
 
     def _drop(self, key: tuple[int, int], pid: int, stream: int) -> None:
         del self._pending[key]
@@ -248,9 +285,9 @@ class LineAssembler:
         """Emit as partial every pending line whose last feed is over idle_timeout_ns old.
 
         Walks the keys from the least recently fed one and stops at the first key that is
-        not idle, so the cost is proportional to what is flushed.  This assumes feed
-        timestamps roughly follow feed order; a key fed out of order is flushed on a later
-        call at worst.
+        not idle, so the cost is proportional to what is flushed.  The walk follows feed
+        order, not timestamps: if feed timestamps are not monotonic across keys, an idle key
+        queued behind a fresher one is flushed late, by at most that timestamp skew.
         """
         pending = self._pending
         deadline = now_ns - self._idle_timeout_ns

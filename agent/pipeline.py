@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from agent.capture.events import (
     EV_CGROUP,
@@ -41,6 +41,12 @@ from agent.capture.probe import PodsRoot, Probe
 from agent.capture.source import CaptureSource
 from agent.config import Config, KubeConfig
 from agent.enrich import Enricher
+from agent.kube.apiserver import (
+    ApiServerConfigError,
+    NamespaceLabels,
+    make_core_api,
+    node_labels,
+)
 from agent.kube.cgroups import find_cgroup2_mount, first_pid, stream_idents
 from agent.kube.discovery import Discovery
 from agent.kube.filters import FilterConfig
@@ -344,6 +350,8 @@ def record_format(cfg: Config) -> RecordFormat:
         schema=r.schema,  # type: ignore[arg-type]  # validated by RecordsConfig
         dedot_labels=bool(r.dedot_labels),
         include_annotations=r.include_annotations,
+        include_namespace_labels=r.include_namespace_labels,
+        include_node_labels=r.include_node_labels,
         time_key=r.time_key,
         timestamp_key_es=r.timestamp_key_es,
     )
@@ -389,9 +397,36 @@ class AgentPipeline:
         )
         self.discovery.on_forget = self.enricher.forget
         self.discovery.on_changed = self.enricher.forget  # rebuilt from the new metadata
+        self.core_api: Any = None
+        self.namespaces: NamespaceLabels | None = None
+        if cfg.records.include_namespace_labels or cfg.records.include_node_labels:
+            self._connect_apiserver()
         self.discovery.wants_repoll = lambda: self.enricher.holding
         self.sink = StdoutSink(out if out is not None else sys.stdout.buffer)
         self._stop = asyncio.Event()
+
+    def _connect_apiserver(self) -> None:
+        """Namespace labels (list+watch) and node labels, from the API server."""
+        kube = self.cfg.kube
+        try:
+            self.core_api = make_core_api(
+                kube.apiserver_url or None,
+                kube.token_path,
+                kube.apiserver_ca_path,
+                insecure_skip_verify=kube.apiserver_insecure_skip_verify,
+            )
+        except ApiServerConfigError as e:
+            log.warning("namespace and node labels are off: %s", e)
+            return
+        if self.cfg.records.include_namespace_labels:
+            self.namespaces = NamespaceLabels(
+                self.core_api, watch_timeout_s=kube.namespace_watch_timeout_s
+            )
+            self.discovery.namespace_labels = self.namespaces.get
+
+    def _namespace_changed(self, namespace: str) -> None:
+        for cg in self.discovery.relabel_namespace(namespace):
+            self.enricher.forget(cg)  # the next line rebuilds its encoder
 
     def _ship(self, lines: list[Line]) -> None:
         out: list[bytes] = []
@@ -422,6 +457,19 @@ class AgentPipeline:
         source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
         tasks: list[asyncio.Task[None]] = []
         try:
+            if self.cfg.records.include_node_labels and self.core_api is not None:
+                self.discovery.node_labels = await asyncio.to_thread(
+                    node_labels, self.core_api, self.discovery.host
+                )
+            if self.namespaces is not None:
+                namespaces = self.namespaces
+
+                def namespace_changed(ns: str) -> None:  # on the watcher's thread
+                    loop.call_soon_threadsafe(self._namespace_changed, ns)
+
+                namespaces.on_change = namespace_changed
+                namespaces.start()
+                await asyncio.to_thread(namespaces.wait_synced, self.cfg.kube.namespace_sync_wait_s)
             # Known containers go in the map (with their stream identities) before
             # the probes are attached; a kubelet that is down is not fatal.
             await self.discovery.poll()
@@ -448,6 +496,10 @@ class AgentPipeline:
             counters = self.probe.counters() if self.probe.loaded else {}
             source.close()
             await self.client.close()
+            if self.namespaces is not None:
+                await asyncio.to_thread(self.namespaces.stop)
+            if self.core_api is not None:
+                self.core_api.api_client.close()
         log.info("stopped: %s", self.stats(counters))
         return 0
 
@@ -479,6 +531,18 @@ class AgentPipeline:
             if d.watch_delay_count
             else None,
             "watch_delay_ms_max": round(d.watch_delay_max_ms, 2),
+            **self._namespace_stats(),
+        }
+
+    def _namespace_stats(self) -> dict[str, object]:
+        if self.namespaces is None:
+            return {}
+        n = self.namespaces.stats
+        return {
+            "namespace_lists": n.lists,
+            "namespace_watch_events": n.watch_events,
+            "namespace_expired": n.expired,
+            "namespace_errors": n.errors,
         }
 
 

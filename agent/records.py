@@ -80,6 +80,8 @@ class RecordFormat:
         conflicting objects. Off by default; the caller turns it on for Elasticsearch.
     include_annotations: add pod annotations (they can be large and are often noise).
     include_namespace_labels: add the labels of the pod's namespace.
+    include_node_labels: add the labels of the node (``kubernetes.node_labels``,
+        ``k8s.node.label.<key>``).
     time_key: name of the time field.
     timestamp_key_es: also write the time as ``@timestamp`` (Elasticsearch/Kibana default).
     """
@@ -88,6 +90,7 @@ class RecordFormat:
     dedot_labels: bool = False
     include_annotations: bool = False
     include_namespace_labels: bool = False
+    include_node_labels: bool = False
     time_key: str = "time"
     timestamp_key_es: bool = False
 
@@ -165,6 +168,8 @@ def _fluentbit_fields(meta: ContainerMeta, fmt: RecordFormat) -> dict[str, objec
     kube["container_name"] = meta.container_name
     kube["docker_id"] = meta.container_id
     kube["container_image"] = meta.image
+    if fmt.include_node_labels and meta.node_labels:
+        kube["node_labels"] = _dedot(meta.node_labels, fmt.dedot_labels)  # Vector's name
     fields: dict[str, object] = {"kubernetes": kube}
     if fmt.include_namespace_labels and meta.namespace_labels:
         fields["kubernetes_namespace"] = {
@@ -201,6 +206,8 @@ def _otel_fields(meta: ContainerMeta, fmt: RecordFormat) -> dict[str, object]:
     if fmt.include_namespace_labels:
         ns_labels = _prefixed("k8s.namespace.label.", meta.namespace_labels, fmt.dedot_labels)
         fields.update(ns_labels)
+    if fmt.include_node_labels:
+        fields.update(_prefixed("k8s.node.label.", meta.node_labels, fmt.dedot_labels))
     return fields
 
 

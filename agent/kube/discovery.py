@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -119,6 +120,8 @@ class Discovery:
         self._poll_lock = asyncio.Lock()
         self.on_forget: Callable[[int], None] = lambda _cgroup_id: None
         self.on_changed: Callable[[int], None] = lambda _cgroup_id: None
+        self.namespace_labels: Callable[[str], dict[str, str]] = lambda _namespace: {}
+        self.node_labels: dict[str, str] = {}
         self.wants_repoll: Callable[[], bool] = lambda: False
 
     # -- what the pipeline asks ---------------------------------------------
@@ -190,6 +193,11 @@ class Discovery:
         by_created_id = {cid: cg for cg, (cid, _ts) in self.created.items()}
         seen: set[int] = set()
         for meta in metas:
+            labels = self.namespace_labels(meta.namespace)
+            if labels or self.node_labels:
+                meta = dataclasses.replace(
+                    meta, namespace_labels=labels, node_labels=self.node_labels
+                )
             found = resolve(meta, self.mount, self.cfg.cgroup_roots, index)
             if found is None:
                 cg = by_created_id.get(meta.container_id)
@@ -254,6 +262,16 @@ class Discovery:
             if not known.in_map:
                 self._log_watched(cg, known)
             known.in_map = True
+
+    def relabel_namespace(self, namespace: str) -> list[int]:
+        """Apply a namespace's new labels to its known containers; their cgroup ids."""
+        labels = self.namespace_labels(namespace)
+        changed = []
+        for cg, known in self.known.items():
+            if known.meta.namespace == namespace and known.meta.namespace_labels != labels:
+                known.meta = dataclasses.replace(known.meta, namespace_labels=labels)
+                changed.append(cg)
+        return changed
 
     def refresh_idents(self) -> None:
         """Read the stream identities of watched containers that had no process yet

@@ -13,11 +13,9 @@ because some of them carry the request headers in their repr.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import random
-import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+
+from agent.kube.token import TokenFile, url_host
 
 log = logging.getLogger("podtap.kube")
 
@@ -38,7 +38,6 @@ PODS_PATH: Final = "/pods"
 
 _EXCERPT_CHARS: Final = 200
 _REDACTED: Final = "<redacted>"
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: what a header can carry
 
 
 class KubeletError(Exception):
@@ -102,77 +101,10 @@ class KubeletConfig:
                 "from the downward API (valueFrom.fieldRef.fieldPath: status.hostIP)"
             )
         return cls(
-            url=f"https://{_url_host(node_ip)}:{port}",
+            url=f"https://{url_host(node_ip)}:{port}",
             token_path=DEFAULT_TOKEN_PATH,
             ca_path=DEFAULT_CA_PATH,
         )
-
-
-def _url_host(host: str) -> str:
-    """Bracket IPv6 literals for use in a URL."""
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
-
-
-class _TokenFile:
-    """The bearer token file, re-read whenever its identity (inode, size, mtime) changes.
-
-    Projected service-account tokens rotate (hourly by default): the kubelet swaps a symlink,
-    so the inode changes; `os.stat` per request is cheap enough to notice that at once.
-    """
-
-    __slots__ = ("_path", "_token", "_stamp", "_seen")
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._token: str | None = None
-        self._stamp: tuple[int, ...] | None = None
-        self._seen: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        return f"_TokenFile(path={self._path!r})"
-
-    @property
-    def seen(self) -> tuple[str, ...]:
-        """The last tokens read (current and previous), for scrubbing error texts."""
-        return self._seen
-
-    def current(self) -> str:
-        stamp = self._stat()
-        if self._token is None or stamp != self._stamp:
-            self._load(stamp)
-        assert self._token is not None
-        return self._token
-
-    def reload(self) -> str:
-        self._load(self._stat())
-        assert self._token is not None
-        return self._token
-
-    def _stat(self) -> tuple[int, ...]:
-        try:
-            st = os.stat(self._path)
-        except OSError as exc:
-            raise KubeletError(f"cannot read token file {self._path}: {exc.strerror}") from None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def _load(self, stamp: tuple[int, ...]) -> None:
-        try:
-            with open(self._path, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise KubeletError(f"cannot read token file {self._path}: {reason}") from None
-        if not _TOKEN_CHARS.fullmatch(token):
-            raise KubeletError(
-                f"token file {self._path} is empty or holds spaces or control characters"
-            )
-        if token != self._token:
-            self._seen = (token, *self._seen[:1])
-        self._token = token
-        self._stamp = stamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +124,7 @@ class KubeletClient:
     def __init__(self, config: KubeletConfig) -> None:
         self._config = config
         self._pods_url = config.url.rstrip("/") + PODS_PATH
-        self._token = _TokenFile(config.token_path) if config.token_path else None
+        self._token = TokenFile(config.token_path, KubeletError) if config.token_path else None
         self._session: aiohttp.ClientSession | None = None
         self._random = random.Random()
         if config.insecure_skip_verify:

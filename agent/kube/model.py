@@ -35,6 +35,7 @@ class ContainerMeta:
     owner_kind: str | None = None
     owner_name: str | None = None
     namespace_labels: dict[str, str] = field(default_factory=dict)
+    node_labels: dict[str, str] = field(default_factory=dict)  # of the node it runs on
     pid: int | None = None  # not in the kubelet answer; filled from the cgroup's cgroup.procs
 
 

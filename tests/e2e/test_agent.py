@@ -245,3 +245,38 @@ def test_agent_started_with_the_kubelet_down_holds_lines_until_it_is_back(
     finally:
         stats = agent.stop()
     assert stats["released_lines"] == 20
+
+
+def test_namespace_and_node_labels_from_the_api_server(node: SimNode, tmp_path: Path) -> None:
+    """records.include_namespace_labels: list+watch of namespaces on the API server (a
+    loopback server implementing the list/watch API), applied to running containers;
+    records.include_node_labels: the node's labels, read at start."""
+    from tests.simnode.apiserver import FakeApiServer
+
+    zone = {"topology.kubernetes.io/zone": "eu-west-1a"}
+    with FakeApiServer(
+        token=node.token, tls=node.kubelet.tls, node_name=node.node_name, node_labels=zone
+    ) as api:
+        api.add_namespace("shop", {"team": "checkout", "env": "prod"})
+        agent = AgentRun(
+            node, tmp_path,
+            kube={"apiserver_url": api.url, "apiserver_ca_path": api.ca_path},
+            records={"include_namespace_labels": True, "include_node_labels": True},
+        )
+        try:
+            script = 'i=0; while [ $i -lt 60 ]; do echo "sale $i"; i=$((i+1)); sleep 0.05; done'
+            pod = node.run_pod("shop", "cart", [SimContainerSpec("app", script)])
+            c = pod.containers[0]
+            agent.wait_for(lambda: len(agent.of(c)) >= 5, why="the first sales")
+            api.label_namespace("shop", {"team": "payments", "env": "prod"})
+            pod.wait()
+            records = assert_container_shipped(agent, c)
+        finally:
+            stats = agent.stop()
+    teams = [r["kubernetes_namespace"]["labels"]["team"] for r in records]
+    assert teams[0] == "checkout" and teams[-1] == "payments"
+    first_new = teams.index("payments")
+    assert set(teams[first_new:]) == {"payments"}  # no flapping back once changed
+    assert all(r["kubernetes_namespace"]["name"] == "shop" for r in records)
+    assert all(r["kubernetes"]["node_labels"] == zone for r in records)
+    assert stats["namespace_lists"] >= 1 and stats["namespace_errors"] == 0

@@ -146,6 +146,11 @@ kube:
   deleted_grace_s: 0
   hold_max_bytes: 0
   hold_timeout_s: 1.5
+  apiserver_url: https://10.0.0.2:6443
+  apiserver_ca_path: /tmp/api-ca.crt
+  apiserver_insecure_skip_verify: true
+  namespace_watch_timeout_s: 60
+  namespace_sync_wait_s: 0.5
 filters:
   include_namespaces: [shop, "team-*"]
   exclude_namespaces: [kube-system]
@@ -157,6 +162,8 @@ records:
   schema: otel
   dedot_labels: true
   include_annotations: true
+  include_namespace_labels: true
+  include_node_labels: true
   time_key: ts
   timestamp_key_es: true
 sink:
@@ -193,6 +200,11 @@ FULL = Config(
         deleted_grace_s=0.0,
         hold_max_bytes=0,
         hold_timeout_s=1.5,
+        apiserver_url="https://10.0.0.2:6443",
+        apiserver_ca_path="/tmp/api-ca.crt",
+        apiserver_insecure_skip_verify=True,
+        namespace_watch_timeout_s=60,
+        namespace_sync_wait_s=0.5,
     ),
     filters=FiltersConfig(
         include_namespaces=("shop", "team-*"),
@@ -206,6 +218,8 @@ FULL = Config(
         schema="otel",
         dedot_labels=True,
         include_annotations=True,
+        include_namespace_labels=True,
+        include_node_labels=True,
         time_key="ts",
         timestamp_key_es=True,
     ),

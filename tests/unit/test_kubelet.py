@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from agent.kube import kubelet as kubelet_module
+from agent.kube import token as token_module
 from agent.kube.kubelet import (
     KubeletAuthError,
     KubeletClient,
@@ -198,7 +199,7 @@ def test_rotated_token_is_read_on_the_next_call_without_restart(
 def test_rotation_the_stat_check_misses_is_recovered_by_one_reread_on_401(
     kubelet: FakeKubelet, token_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kubelet_module._TokenFile, "_stat", lambda self: (0,))
+    monkeypatch.setattr(token_module.TokenFile, "_stat", lambda self: (0,))
 
     async def run() -> list[str]:
         async with KubeletClient(config_for(kubelet, token_file)) as client:

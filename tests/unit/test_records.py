@@ -354,3 +354,18 @@ def test_time_across_a_boundary_in_order() -> None:
 def test_time_out_of_rfc3339_range() -> None:
     with pytest.raises(ValueError, match="RFC 3339"):
         format_rfc3339_ns(253_402_300_800 * NS)
+
+
+@pytest.mark.parametrize("schema", ["fluentbit", "otel"])
+@pytest.mark.parametrize("include", [True, False])
+def test_node_labels_only_when_asked(schema: str, include: bool) -> None:
+    meta = replace(META, node_labels={"topology.kubernetes.io/zone": "z1", "pool": "a"})
+    fmt = RecordFormat(schema=schema, include_node_labels=include, dedot_labels=True)  # type: ignore[arg-type]
+    record = orjson.loads(ContainerEncoder(meta, fmt).encode(0, 1, b"m", False))
+    if schema == "fluentbit":
+        got = record["kubernetes"].get("node_labels")
+        assert got == ({"topology_kubernetes_io/zone": "z1", "pool": "a"} if include else None)
+    else:
+        got = {k: v for k, v in record.items() if k.startswith("k8s.node.label.")}
+        expected = {"k8s.node.label.topology_kubernetes_io/zone": "z1", "k8s.node.label.pool": "a"}
+        assert got == (expected if include else {})
