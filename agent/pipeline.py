@@ -118,6 +118,15 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -
         signal.signal(sig, on_signal)
 
 
+def stop_if_drain_failed(source: CaptureSource, stop: asyncio.Event) -> bool:
+    """A dead ring-buffer drain thread would leave the pipeline waiting forever."""
+    if source.drain_error is None:
+        return False
+    log.error("the ring buffer drain failed: %s; stopping", source.drain_error)
+    stop.set()
+    return True
+
+
 class TextFormatter:
     """`HH:MM:SS.mmm <pid> <comm> <stream>: <line>` (local time)."""
 
@@ -261,10 +270,10 @@ class TapPipeline:
         if self.sink.broken:
             self._stop.set()
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, source: CaptureSource) -> None:
         """Idle flushes, and identities of targets that had no process at start."""
         period = min(self.cfg.lines.idle_flush_ms / 2000, 0.5)
-        while True:
+        while not stop_if_drain_failed(source, self._stop):
             await asyncio.sleep(period)
             self._write(self.lines.flush_idle())
             self._watch_targets()
@@ -285,7 +294,9 @@ class TapPipeline:
             names = ", ".join(f"{t.cgroup_dir} (id {t.cgroup_id})" for t in self.targets)
             self._say(f"tapping {names}")
             consumer = asyncio.create_task(self._consume(source), name="tap-consume")
-            housekeeping = asyncio.create_task(self._housekeeping(), name="tap-housekeeping")
+            housekeeping = asyncio.create_task(
+                self._housekeeping(source), name="tap-housekeeping"
+            )
             stop = asyncio.create_task(self._stop.wait(), name="tap-stop")
             await asyncio.wait({consumer, stop}, return_when=asyncio.FIRST_COMPLETED)
             housekeeping.cancel()
@@ -299,7 +310,7 @@ class TapPipeline:
             counters = self.probe.counters() if self.probe.loaded else {}
             source.close()
         self._report(counters)
-        return 0
+        return 1 if source.drain_error is not None else 0
 
     def _report(self, counters: dict[str, int]) -> None:
         self._say(
@@ -437,9 +448,9 @@ class AgentPipeline:
         async for records in source.batches():
             self._ship(self.lines.process(records))
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, source: CaptureSource) -> None:
         next_stats = time.monotonic() + self.STATS_EVERY_S
-        while True:
+        while not stop_if_drain_failed(source, self._stop):
             await asyncio.sleep(self.HOUSEKEEPING_S)
             self._ship(self.lines.flush_idle())
             self.discovery.refresh_idents()
@@ -479,7 +490,7 @@ class AgentPipeline:
             consumer = asyncio.create_task(self._consume(source), name="agent-consume")
             tasks = [
                 asyncio.create_task(self.discovery.run(), name="agent-discovery"),
-                asyncio.create_task(self._housekeeping(), name="agent-housekeeping"),
+                asyncio.create_task(self._housekeeping(source), name="agent-housekeeping"),
             ]
             stop = asyncio.create_task(self._stop.wait(), name="agent-stop")
             await asyncio.wait({consumer, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -501,7 +512,7 @@ class AgentPipeline:
             if self.core_api is not None:
                 self.core_api.api_client.close()
         log.info("stopped: %s", self.stats(counters))
-        return 0
+        return 1 if source.drain_error is not None else 0
 
     async def _final_flush(self) -> None:
         self._ship(self.lines.flush_all())

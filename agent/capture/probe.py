@@ -287,9 +287,6 @@ class Probe:
         with contextlib.suppress(KeyError):
             del table[ctypes.c_uint64(cgroup_id)]
 
-    def watched(self) -> dict[int, ContainerValue]:
-        return {int(k.value): v for k, v in self._bpf[b"containers"].items()}
-
     def counters(self) -> dict[str, int]:
         table = self._bpf[b"counters"]
         values = {}

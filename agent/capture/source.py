@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from agent.capture.events import Drainer, Record, RingReader, decode
 from agent.capture.probe import Probe
+
+log = logging.getLogger("podtap.capture")
 
 MERGE_BYTES = 8 << 20  # spans waiting on the loop are decoded together, up to this much
 
@@ -20,6 +23,7 @@ class CaptureSource:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._reader: RingReader | None = None
         self._drainer: Drainer | None = None
+        self._stop_error: BaseException | None = None
         self.records = 0
 
     def start(self) -> None:
@@ -63,18 +67,22 @@ class CaptureSource:
         if drainer is not None:
             drainer.stop()
             drainer.join()
-            if drainer.error is not None:
-                raise RuntimeError("ring buffer drain failed") from drainer.error
         # call_soon keeps FIFO order behind the drain thread's call_soon_threadsafe.
         loop = asyncio.get_running_loop()
-        if reader is not None:
-            while blob := reader.drain(1 << 30):
-                loop.call_soon(self._queue.put_nowait, blob)
+        if reader is not None and self.drain_error is None:
+            try:
+                while blob := reader.drain(1 << 30):
+                    loop.call_soon(self._queue.put_nowait, blob)
+            except OSError as e:  # what is left in the ring is lost: said, not hidden
+                log.error("draining the ring buffer at stop failed: %s", e)
+                self._stop_error = e
         loop.call_soon(self._queue.put_nowait, None)
 
     @property
     def drain_error(self) -> BaseException | None:
-        return self._drainer.error if self._drainer is not None else None
+        if self._drainer is not None and self._drainer.error is not None:
+            return self._drainer.error
+        return self._stop_error
 
     def close(self) -> None:
         if self._reader is not None:

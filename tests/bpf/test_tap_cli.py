@@ -115,3 +115,30 @@ def test_check_passes_on_this_node() -> None:
                  "BPF ring buffer", "cgroup v2", "bcc", "kernel headers for bcc"):
         assert name in out
     assert re.search(r"^9 passed, 0 failed$", out, re.M)
+
+
+def test_a_failing_ring_drain_stops_the_tap_with_an_error(
+    sandbox: CgroupSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain thread dying (here: the ring mapping raising) must not leave the
+    pipeline waiting forever: it stops, says why, and exits non-zero."""
+    import asyncio
+    import io
+
+    from agent.capture import events
+    from agent.config import Config
+    from agent.pipeline import TapPipeline, resolve_targets
+
+    def broken_drain(self: events.RingReader, max_bytes: int) -> bytes:
+        raise OSError("ring mapping gone")
+
+    monkeypatch.setattr(events.RingReader, "drain", broken_drain)
+    c = sandbox.container()
+    c.start_init()
+    out, err = io.BytesIO(), io.BytesIO()
+    pipeline = TapPipeline(
+        Config(), resolve_targets([str(c.path)], []), True, True, "json", out, err
+    )
+    c.python("import os\nos.write(1, b'a line that is never drained\\n')").wait(30)
+    assert asyncio.run(asyncio.wait_for(pipeline.run(), 60)) == 1
+    assert b"podtap: tapping" in err.getvalue()
