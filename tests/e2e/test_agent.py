@@ -259,7 +259,8 @@ def test_namespace_and_node_labels_from_the_api_server(node: SimNode, tmp_path: 
     ) as api:
         api.add_namespace("shop", {"team": "checkout", "env": "prod"})
         agent = AgentRun(
-            node, tmp_path,
+            node,
+            tmp_path,
             kube={"apiserver_url": api.url, "apiserver_ca_path": api.ca_path},
             records={"include_namespace_labels": True, "include_node_labels": True},
         )
@@ -280,3 +281,38 @@ def test_namespace_and_node_labels_from_the_api_server(node: SimNode, tmp_path: 
     assert all(r["kubernetes_namespace"]["name"] == "shop" for r in records)
     assert all(r["kubernetes"]["node_labels"] == zone for r in records)
     assert stats["namespace_lists"] >= 1 and stats["namespace_errors"] == 0
+
+
+def test_agent_started_while_containers_run_captures_from_then_on(
+    node: SimNode, tmp_path: Path
+) -> None:
+    """A DaemonSet rollout: the containers were there first.  The first poll puts them in
+    the map with their stream identities before the probes are attached; from then on
+    every line arrives, in order, on the right stream."""
+    script = (
+        'i=0; while [ $i -lt 120 ]; do echo "beat $i"; echo "err $i" >&2; '
+        "i=$((i+1)); sleep 0.03; done"
+    )
+    pod = node.run_pod("default", "veteran", [SimContainerSpec("app", script)])
+    c = pod.containers[0]
+    time.sleep(0.5)
+    agent = AgentRun(node, tmp_path)
+    try:
+        pod.wait()
+        out, err = c.output()
+        agent.wait_for(lambda: len(agent.of(c)) > 0, why="lines of the running container")
+        time.sleep(0.5)
+        records = agent.of(c)
+    finally:
+        stats = agent.stop()
+    got_out, got_err = joined(records, "stdout"), joined(records, "stderr")
+    # What was captured is exactly the tail of each stream, from a line boundary on.
+    assert (
+        got_out
+        and out.endswith(got_out)
+        and (len(got_out) == len(out) or out[-len(got_out) - 1 : -len(got_out)] == b"\n")
+    )
+    assert got_err and err.endswith(got_err)
+    assert len(got_out) > len(out) // 4  # most of it: the agent started early in the run
+    assert_metadata(records, node, pod, c)
+    assert stats["kernel_unknown_records"] == 0  # known from the first poll on
