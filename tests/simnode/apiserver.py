@@ -46,22 +46,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import shutil
-import ssl
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from tests.simnode.tls import TLSFiles, generate_tls
+from tests.simnode.loopback import LoopbackHttpsServer, bearer_matches
+from tests.simnode.tls import TLSFiles
 
 DEFAULT_TOKEN: Final = "simnode-apiserver-token"
 DEFAULT_NODE_NAME: Final = "simnode-1"
@@ -115,8 +112,12 @@ class _State:
     history: deque[tuple[int, bytes]] = field(default_factory=deque)  # (rv, event line)
 
 
-class FakeApiServer:
+class FakeApiServer(LoopbackHttpsServer):
     """HTTPS kube-apiserver subset on 127.0.0.1 (ephemeral port). Thread-safe controls."""
+
+    _display_name = "FakeApiServer"
+    _thread_name = "fake-apiserver"
+    _tls_name = "simnode-apiserver"
 
     def __init__(
         self,
@@ -129,20 +130,13 @@ class FakeApiServer:
         bookmark_interval_s: float | None = None,
         history_limit: int = _HISTORY_LIMIT,
     ) -> None:
-        self._lock = threading.Lock()
-        self._token = token
-        self._owns_tls = tls is None
-        self._tls = tls
+        super().__init__(token=token, tls=tls)
         self._bookmark_interval_s = bookmark_interval_s
         self._history_limit = history_limit
         self._state = _State()
         self._watchers: set[_Watcher] = set()
         self._forbidden: set[str] = set()
         self._down = False
-        self._port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
         self._watch_established = threading.Condition(self._lock)
         self.request_count = 0
         self.list_count = 0
@@ -166,82 +160,13 @@ class FakeApiServer:
             },
         )
 
-    # -- lifecycle
+    # -- lifecycle hooks (see LoopbackHttpsServer)
 
-    def start(self) -> FakeApiServer:
-        if self._thread is not None:
-            raise RuntimeError("FakeApiServer already started")
-        if self._tls is None:
-            self._tls = generate_tls(name="simnode-apiserver")
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-apiserver", daemon=True)
-        self._thread.start()
-        try:
-            if not self._down:
-                self._call(self._listen())
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _starts_down(self) -> bool:
+        return self._down
 
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._close_watches(abort=True)
-            self._call(self._close_listener())
-            self._call(_cancel_other_tasks())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            loop.close()
-            self._loop = self._thread = None
-            if self._owns_tls and self._tls is not None:
-                shutil.rmtree(self._tls.directory, ignore_errors=True)
-                self._tls = None
-
-    def __enter__(self) -> FakeApiServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # -- where it is
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self._port}"
-
-    @property
-    def tls(self) -> TLSFiles:
-        if self._tls is None:
-            raise RuntimeError("FakeApiServer not started")
-        return self._tls
-
-    @property
-    def ca_path(self) -> str:
-        return str(self.tls.ca_cert)
-
-    @property
-    def token(self) -> str | None:
-        with self._lock:
-            return self._token
-
-    @token.setter
-    def token(self, value: str | None) -> None:
-        with self._lock:
-            self._token = value
+    def _before_stop(self) -> None:
+        self._close_watches(abort=True)
 
     # -- namespaces
 
@@ -467,38 +392,12 @@ class FakeApiServer:
 
     # -- server internals (server thread)
 
-    def _call(self, coro: Coroutine[Any, Any, None], timeout: float = 15.0) -> None:
-        assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    async def _listen(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", self._port, ssl_context=self._server_ssl(), reuse_address=True
-        )
-        await site.start()
-        self._runner = runner
-        self._port = runner.addresses[0][1]
-
-    async def _close_listener(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    def _server_ssl(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(self.tls.server_cert), str(self.tls.server_key))
-        return ctx
-
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         with self._lock:
             self.request_count += 1
             expected = self._token
             forbidden = request.path in self._forbidden
-            authenticated = _bearer_matches(request.headers.get("Authorization"), expected)
+            authenticated = bearer_matches(request.headers.get("Authorization"), expected)
             if not authenticated:
                 self.unauthorized_count += 1
         if not authenticated:
@@ -635,22 +534,6 @@ class FakeApiServer:
             assert isinstance(item, bytes)
             await resp.write(item)
         await resp.write_eof()
-
-
-async def _cancel_other_tasks() -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _bearer_matches(header: str | None, expected: str | None) -> bool:
-    if expected is None:
-        return True
-    if header is None:
-        return False
-    scheme, _, value = header.partition(" ")
-    return scheme.lower() == "bearer" and value.strip() == expected
 
 
 def _json(code: int, body: bytes) -> web.Response:

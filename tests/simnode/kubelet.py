@@ -20,20 +20,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import shutil
-import ssl
-import threading
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from tests.simnode.tls import TLSFiles, generate_tls
+from tests.simnode.loopback import LoopbackHttpsServer, bearer_matches
+from tests.simnode.tls import TLSFiles
 
 MODES: Final = frozenset(
     {"ok", "401", "403", "429", "500", "malformed", "not_podlist", "slow", "down"}
@@ -285,7 +282,7 @@ def pod_list(items: Iterable[Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- server
 
 
-class FakeKubelet:
+class FakeKubelet(LoopbackHttpsServer):
     """HTTPS `/pods` on 127.0.0.1 with an ephemeral port, checked bearer token, and faults.
 
     Thread-safe: pods, token, mode and counters may be changed from any thread while it
@@ -295,6 +292,9 @@ class FakeKubelet:
     open connection (set another mode to listen again on the same port).
     """
 
+    _display_name = "FakeKubelet"
+    _thread_name = "fake-kubelet"
+
     def __init__(
         self,
         *,
@@ -303,11 +303,8 @@ class FakeKubelet:
         tls: TLSFiles | None = None,
         slow_delay_s: float = 2.0,
     ) -> None:
-        self._lock = threading.Lock()
-        self._token = token
+        super().__init__(token=token, tls=tls)
         self.node_name = node_name
-        self._owns_tls = tls is None
-        self._tls = tls
         self._mode = "ok"
         self._slow_delay_s = slow_delay_s
         self._one_shot: deque[str] = deque()
@@ -315,89 +312,13 @@ class FakeKubelet:
         self._pods: dict[tuple[str, str], Any] = {}
         self._request_count = 0
         self._unauthorized_count = 0
-        self._port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
 
-    # -- lifecycle
+    # -- lifecycle hooks (see LoopbackHttpsServer)
 
-    def start(self) -> FakeKubelet:
-        if self._thread is not None:
-            raise RuntimeError("FakeKubelet already started")
-        if self._tls is None:
-            self._tls = generate_tls()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-kubelet", daemon=True)
-        self._thread.start()
-        try:
-            if self.mode != "down":
-                self._call(self._listen())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._close_listener())
-            self._call(_cancel_other_tasks())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            loop.close()
-            self._loop = self._thread = None
-            if self._owns_tls and self._tls is not None:
-                shutil.rmtree(self._tls.directory, ignore_errors=True)
-                self._tls = None
-
-    def __enter__(self) -> FakeKubelet:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # -- where it is
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self._port}"
-
-    @property
-    def tls(self) -> TLSFiles:
-        if self._tls is None:
-            raise RuntimeError("FakeKubelet not started")
-        return self._tls
-
-    @property
-    def ca_path(self) -> str:
-        return str(self.tls.ca_cert)
+    def _starts_down(self) -> bool:
+        return self.mode == "down"
 
     # -- behaviour
-
-    @property
-    def token(self) -> str | None:
-        """The bearer token it accepts (None: accept any request, as with anonymous auth)."""
-        with self._lock:
-            return self._token
-
-    @token.setter
-    def token(self, value: str | None) -> None:
-        with self._lock:
-            self._token = value
 
     @property
     def mode(self) -> str:
@@ -508,39 +429,12 @@ class FakeKubelet:
 
     # -- server internals (run on the server's thread)
 
-    def _call(self, coro: Coroutine[Any, Any, None], timeout: float = 15.0) -> None:
-        """Run `coro` on the server's loop and wait for it (never call from that loop)."""
-        assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    async def _listen(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", self._port, ssl_context=self._server_ssl(), reuse_address=True
-        )
-        await site.start()
-        self._runner = runner
-        self._port = runner.addresses[0][1]
-
-    async def _close_listener(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    def _server_ssl(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(self.tls.server_cert), str(self.tls.server_key))
-        return ctx
-
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         with self._lock:
             self._request_count += 1
             mode = self._one_shot.popleft() if self._one_shot else self._mode
             expected, delay, fault_body = self._token, self._slow_delay_s, self._fault_body
-            authenticated = _bearer_matches(request.headers.get("Authorization"), expected)
+            authenticated = bearer_matches(request.headers.get("Authorization"), expected)
             if not authenticated:
                 self._unauthorized_count += 1
         if not authenticated or mode == "401":
@@ -573,23 +467,6 @@ class FakeKubelet:
     def _pod_list_bytes(self) -> bytes:
         with self._lock:
             return orjson.dumps(pod_list(self._pods.values()))
-
-
-async def _cancel_other_tasks() -> None:
-    """Cancel what is still running on the server loop (slow handlers) and let it unwind."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _bearer_matches(header: str | None, expected: str | None) -> bool:
-    if expected is None:
-        return True
-    if header is None:
-        return False
-    scheme, _, value = header.partition(" ")
-    return scheme.lower() == "bearer" and value.strip() == expected
 
 
 def _forbidden_text() -> str:
