@@ -45,6 +45,7 @@ RINGBUF_HDR_SIZE = 8
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 _U32 = struct.Struct("<I")
+_RECORD = struct.Struct("<I4x" + EVENT_HDR.format[1:])  # ring header + event header
 _U64 = struct.Struct("<Q")
 
 # One decoded record: (ts_ns, cgroup_id, pid, tid, type, stream, flags, comm, data)
@@ -108,19 +109,21 @@ class RingReader:
 
 
 def decode(blob: bytes) -> list[Record]:
-    """Decode a drained span of ring records into tuples (discarded ones skipped)."""
+    """Decode a drained span of ring records into tuples (discarded ones skipped).
+
+    One unpack reads the ring header and the event header together.  Records too
+    short to hold an event header (podtap.c writes none) are skipped.
+    """
     out: list[Record] = []
     append = out.append
-    unpack_hdr = EVENT_HDR.unpack_from
-    unpack_u32 = _U32.unpack_from
-    hdr_size = EVENT_HDR.size
-    pos, end = 0, len(blob)
-    while pos < end:
-        length = unpack_u32(blob, pos)[0]
+    unpack = _RECORD.unpack_from
+    hdr_size, rec_size = EVENT_HDR.size, _RECORD.size
+    pos, last = 0, len(blob) - rec_size
+    while pos <= last:  # a tail shorter than one header cannot hold an event
+        length, ts, cg, pid, tid, dlen, typ, stream, flags, comm = unpack(blob, pos)
         size = length & ~DISCARD_BIT
         if not length & DISCARD_BIT and size >= hdr_size:
-            ts, cg, pid, tid, dlen, typ, stream, flags, comm = unpack_hdr(blob, pos + 8)
-            start = pos + 8 + hdr_size
+            start = pos + rec_size
             append((ts, cg, pid, tid, typ, stream, flags, comm, blob[start : start + dlen]))
         pos += (RINGBUF_HDR_SIZE + size + 7) & ~7
     return out
