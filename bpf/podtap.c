@@ -62,11 +62,9 @@ struct copy_state {
 };
 
 BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
-#ifdef PODS_ROOT_ID
-/* Stream identities of containers not in `containers` yet, taken in the kernel
- * at the first exec inside their cgroup (see on_process_exec). */
-BPF_TABLE("lru_hash", u64, struct container, unknown_idents, 4096);
-#endif
+/* Stream identities taken in the kernel at the first exec inside a cgroup (see
+ * on_process_exec), for containers whose identities userspace does not know yet. */
+BPF_TABLE("lru_hash", u64, struct container, learned_idents, 4096);
 BPF_TABLE("lru_hash", u32, u8, lost, 16384);
 BPF_ARRAY(scratch, struct copy_state, NCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
@@ -148,7 +146,7 @@ static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct contain
 #ifdef PODS_ROOT_ID
         if (!under_pods_root())
             return 0;
-        c = unknown_idents.lookup(cgid);
+        c = learned_idents.lookup(cgid);
         *cp = c;
         *cflags = c ? c->flags : C_CAPTURE_STDOUT | C_CAPTURE_STDERR;
         return 2;
@@ -162,6 +160,13 @@ static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct contain
         return 0;
     *cflags = c->flags;
     *cp = c;
+    if (!(c->flags & C_IDENT_KNOWN)) {
+        struct container *learned = learned_idents.lookup(cgid);
+        if (learned) {
+            *cflags = (c->flags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR)) | C_IDENT_KNOWN;
+            *cp = learned;
+        }
+    }
     return 1;
 }
 
@@ -495,22 +500,26 @@ int on_cgroup_mkdir(void *ctx)
 }
 #endif
 
-#ifdef PODS_ROOT_ID
-/* sched:sched_process_exec.  The first exec inside a new container's cgroup is
- * the runtime starting the container's entrypoint: its fds 1 and 2 are the
+/* sched:sched_process_exec.  The first exec inside a container's cgroup is the
+ * runtime starting the container's entrypoint: its fds 1 and 2 are the
  * container's stdout and stderr.  Their identities are kept for the
- * container's writes until the agent puts it in `containers` (so a short-lived
- * container's stderr is not taken for stdout after a dup2). */
+ * container's writes until userspace knows them (a container not in the map
+ * yet, or one put in the map before it had a process), so its stderr is not
+ * taken for stdout after a dup2. */
 int on_process_exec(void *ctx)
 {
     u64 cgid = bpf_get_current_cgroup_id();
-    if (containers.lookup(&cgid) || !under_pods_root())
+    struct container *c = containers.lookup(&cgid);
+    if (c) {
+        if (c->flags & C_IDENT_KNOWN || (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+            return 0;
+    } else if (!under_pods_root()) {
         return 0;
+    }
     struct container v = {};
     if (fd_ident(1, &v.out_dev, &v.out_ino) || fd_ident(2, &v.err_dev, &v.err_ino))
         return 0;
     v.flags = C_CAPTURE_STDOUT | C_CAPTURE_STDERR | C_IDENT_KNOWN;
-    unknown_idents.insert(&cgid, &v); /* the first exec wins */
+    learned_idents.insert(&cgid, &v); /* the first exec wins */
     return 0;
 }
-#endif

@@ -223,8 +223,8 @@ class Probe:
             raise ProbeError("attach() before load()")
         pairs: list[tuple[str, str]] = []
         if self.pods_root is not None:
-            pairs += [CGROUP_MKDIR_PROGRAM, PROCESS_EXEC_PROGRAM]
-        pairs.append(PROCESS_EXIT_PROGRAM)
+            pairs.append(CGROUP_MKDIR_PROGRAM)
+        pairs += [PROCESS_EXEC_PROGRAM, PROCESS_EXIT_PROGRAM]
         pairs += CAPTURE_PROGRAMS
         if self.cfg.socket_syscalls:
             pairs += SOCKET_PROGRAMS

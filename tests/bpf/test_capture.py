@@ -6,6 +6,8 @@ once per session, records -> lines) and through `podtap tap --format json`.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from agent.capture.events import EV_DATA, EV_EXIT, F_FD_FALLBACK
@@ -118,11 +120,17 @@ def test_tap_json_is_byte_exact(sandbox: CgroupSandbox, scenario: str) -> None:
 def test_fallback_by_fd_number_until_identities_are_known(
     live: LiveProbe, sandbox: CgroupSandbox
 ) -> None:
-    """Without identities, fd 1/2 are taken as the streams, and records say so."""
+    """Without identities from userspace or from an exec inside the cgroup (this process
+    joins by itself and never execs there), fd 1/2 are the streams, and records say so."""
     c = sandbox.container()
     watch(live, c, idents=False)
+    procs = c.path / "cgroup.procs"
+    code = (
+        f"import os\nopen({str(procs)!r}, 'w').write(str(os.getpid()))\n"
+        "os.write(1, b'fb out\\n'); os.write(2, b'fb err\\n')"
+    )
     try:
-        proc = c.python("import os\nos.write(1, b'fb out\\n'); os.write(2, b'fb err\\n')")
+        proc = c.spawn_unjoined([sys.executable, "-c", code])
         assert proc.wait(30) == 0
         c.finish()
         records = [r for r in live.records(c.cgroup_id) if r[4] == EV_DATA]

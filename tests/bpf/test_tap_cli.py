@@ -142,3 +142,24 @@ def test_a_failing_ring_drain_stops_the_tap_with_an_error(
     c.python("import os\nos.write(1, b'a line that is never drained\\n')").wait(30)
     assert asyncio.run(asyncio.wait_for(pipeline.run(), 60)) == 1
     assert b"podtap: tapping" in err.getvalue()
+
+
+def test_tap_started_before_the_first_process_keeps_streams_apart(
+    sandbox: CgroupSandbox,
+) -> None:
+    """The tapped cgroup is empty at start: the stream identities are taken in the kernel
+    at the first exec inside it, so a shell's `echo >&2` (dup2, then a write to fd 1)
+    is still stderr, from the very first byte."""
+    c = sandbox.container()
+    tap = start_tap("--cgroup", str(c.path))
+    try:
+        script = "echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2"
+        assert c.spawn(["/bin/sh", "-c", script]).wait(30) == 0
+    finally:
+        out, err = c.finish()
+        stop_tap(tap)
+    got = {s: "".join(o["message"] + "\n" for o in tap.objects if o["stream"] == s).encode()
+           for s in ("stdout", "stderr")}
+    assert got == {"stdout": out, "stderr": err} == {
+        "stdout": b"out-1\nout-2\n", "stderr": b"err-1\nerr-2\n"
+    }

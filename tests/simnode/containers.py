@@ -108,6 +108,18 @@ class Container:
         self.procs.append(proc)
         return proc
 
+    def spawn_unjoined(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """A process on the container's streams that is NOT put in its cgroup (it may join
+        by itself, e.g. to test a process that never execs inside the cgroup)."""
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=self._write_fds[0],
+            stderr=self._write_fds[1],
+        )
+        self.procs.append(proc)
+        return proc
+
     def python(self, code: str) -> subprocess.Popen[bytes]:
         return self.spawn([sys.executable, "-c", code])
 
