@@ -36,6 +36,7 @@ demo: install
 	$(VPY) -m tests.simnode.demo
 
 bench: install
+	$(VPY) bench/lines_bench.py
 	$(VPY) bench/decode_bench.py
 	$(VPY) bench/tap_throughput.py
 	$(VPY) bench/write_cost.py
