@@ -14,7 +14,6 @@ in the ring, flush every partial line, report counters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -125,6 +124,29 @@ def stop_if_drain_failed(source: CaptureSource, stop: asyncio.Event) -> bool:
     log.error("the ring buffer drain failed: %s; stopping", source.drain_error)
     stop.set()
     return True
+
+
+async def run_until_stopped(
+    source: CaptureSource,
+    stop: asyncio.Event,
+    consume: Coroutine[Any, Any, None],
+    helpers: dict[str, Coroutine[Any, Any, None]],
+) -> None:
+    """Run the consumer and the named helper tasks until `stop` is set (or one of them
+    ends); cancel the helpers (logging any that failed), then stop the capture — detach,
+    hand over what is left in the ring — and let the consumer finish with it."""
+    consumer = asyncio.create_task(consume, name="consume")
+    tasks = [asyncio.create_task(coro, name=name) for name, coro in helpers.items()]
+    stopped = asyncio.create_task(stop.wait(), name="stop")
+    await asyncio.wait({consumer, stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (*tasks, stopped):
+        task.cancel()
+    await asyncio.gather(*tasks, stopped, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+    source.stop()
+    await consumer
 
 
 class TextFormatter:
@@ -293,18 +315,12 @@ class TapPipeline:
             self.probe.attach()
             names = ", ".join(f"{t.cgroup_dir} (id {t.cgroup_id})" for t in self.targets)
             self._say(f"tapping {names}")
-            consumer = asyncio.create_task(self._consume(source), name="tap-consume")
-            housekeeping = asyncio.create_task(
-                self._housekeeping(source), name="tap-housekeeping"
+            await run_until_stopped(
+                source,
+                self._stop,
+                self._consume(source),
+                {"tap-housekeeping": self._housekeeping(source)},
             )
-            stop = asyncio.create_task(self._stop.wait(), name="tap-stop")
-            await asyncio.wait({consumer, stop}, return_when=asyncio.FIRST_COMPLETED)
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
-            stop.cancel()
-            source.stop()
-            await consumer
             self._write(self.lines.flush_all())
         finally:
             counters = self.probe.counters() if self.probe.loaded else {}
@@ -466,7 +482,6 @@ class AgentPipeline:
         install_stop_signals(loop, self._stop)
         await loop.run_in_executor(None, self.probe.load)
         source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
-        tasks: list[asyncio.Task[None]] = []
         try:
             if self.cfg.records.include_node_labels and self.core_api is not None:
                 self.discovery.node_labels = await asyncio.to_thread(
@@ -487,21 +502,15 @@ class AgentPipeline:
             source.start()
             self.probe.attach()
             log.info("capturing: %d containers known", len(self.discovery.known))
-            consumer = asyncio.create_task(self._consume(source), name="agent-consume")
-            tasks = [
-                asyncio.create_task(self.discovery.run(), name="agent-discovery"),
-                asyncio.create_task(self._housekeeping(source), name="agent-housekeeping"),
-            ]
-            stop = asyncio.create_task(self._stop.wait(), name="agent-stop")
-            await asyncio.wait({consumer, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (*tasks, stop):
-                task.cancel()
-            await asyncio.gather(*tasks, stop, return_exceptions=True)
-            for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    log.error("task %s failed", task.get_name(), exc_info=task.exception())
-            source.stop()
-            await consumer
+            await run_until_stopped(
+                source,
+                self._stop,
+                self._consume(source),
+                {
+                    "agent-discovery": self.discovery.run(),
+                    "agent-housekeeping": self._housekeeping(source),
+                },
+            )
             await self._final_flush()
         finally:
             counters = self.probe.counters() if self.probe.loaded else {}
