@@ -9,7 +9,9 @@ variables override the file: `PODTAP_<SECTION>_<KEY>` (e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,12 +164,261 @@ class RecordsConfig:
             raise ConfigError(f"records.time_key: {e}") from e
 
 
+SINK_KINDS = ("stdout", "elasticsearch", "loki", "otlp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS of an HTTPS sink. The server certificate is verified unless told otherwise."""
+
+    ca_file: str = ""  # "" = the system's CAs
+    cert_file: str = ""  # client certificate (mTLS), with key_file
+    key_file: str = ""
+    server_name: str = ""  # expected name in the server certificate; "" = the URL's host
+    insecure_skip_verify: bool = False  # logs a warning at start
+
+    def validate(self, key: str) -> None:
+        _require(
+            bool(self.cert_file) == bool(self.key_file),
+            f"{key}.cert_file",
+            "set together with key_file (mTLS)",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Credentials of a sink: never inline in the configuration, from files or variables.
+
+    Basic auth: `username` with `password_file` or `password_env`. Bearer: `token_file`
+    (re-read when it changes) or `token_env`. Elasticsearch API key: `api_key_file` or
+    `api_key_env` (the base64 `id:key` Elasticsearch returns as `encoded`).
+    """
+
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    token_file: str = ""
+    token_env: str = ""
+    api_key_file: str = ""
+    api_key_env: str = ""
+
+    def kinds(self) -> list[str]:
+        out = []
+        if self.username or self.password_file or self.password_env:
+            out.append("basic")
+        if self.token_file or self.token_env:
+            out.append("bearer")
+        if self.api_key_file or self.api_key_env:
+            out.append("api_key")
+        return out
+
+    def validate(self, key: str) -> None:
+        _require(len(self.kinds()) <= 1, key, "one of basic, bearer token or api key")
+        if self.password_file or self.password_env:
+            _require(bool(self.username), f"{key}.username", "set with a password")
+        _require(
+            not (self.password_file and self.password_env),
+            f"{key}.password_file",
+            "set without password_env",
+        )
+        _require(not (self.token_file and self.token_env), f"{key}.token_file",
+                 "set without token_env")
+        _require(not (self.api_key_file and self.api_key_env), f"{key}.api_key_file",
+                 "set without api_key_env")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """A batch closes at whichever comes first."""
+
+    max_bytes: int = 1 << 20  # encoded items, before compression
+    max_records: int = 10000
+    max_age_s: float = 1.0
+
+    def validate(self, key: str) -> None:
+        _require(1024 <= self.max_bytes <= 64 << 20, f"{key}.max_bytes", "in [1 KiB, 64 MiB]")
+        _require(self.max_records >= 1, f"{key}.max_records", ">= 1")
+        _require(_finite(self.max_age_s) and 0.001 <= self.max_age_s <= 300,
+                 f"{key}.max_age_s", "in [0.001, 300]")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Backoff between attempts: exponential from `initial_backoff_s`, full jitter, at most
+    `max_backoff_s`; a Retry-After from the server is honoured up to `max_retry_after_s`.
+    Retryable failures (429, 5xx, no answer) are retried until the buffers overflow."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 300.0
+
+    def validate(self, key: str) -> None:
+        _require(_finite(self.initial_backoff_s) and self.initial_backoff_s > 0,
+                 f"{key}.initial_backoff_s", "> 0")
+        _require(_finite(self.max_backoff_s) and self.max_backoff_s >= self.initial_backoff_s,
+                 f"{key}.max_backoff_s", ">= initial_backoff_s")
+        _require(_finite(self.max_retry_after_s) and self.max_retry_after_s >= 0,
+                 f"{key}.max_retry_after_s", ">= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    """Batches waiting for acknowledgement: memory first, then a disk buffer.
+
+    mode `overflow`: batches go to disk only when memory is full (and on shutdown);
+    mode `always`: every batch is written to disk before it is sent (survives SIGKILL).
+    `disk_dir` "" turns the disk buffer off: what does not fit in memory is dropped,
+    counted. Each sink uses its own subdirectory `<disk_dir>/<sink name>`.
+    """
+
+    memory_bytes: int = 32 << 20
+    disk_dir: str = ""
+    disk_bytes: int = 1 << 30
+    mode: str = "overflow"
+    fsync: bool = False  # fsync every disk write (see README: what an OS crash can lose)
+
+    def validate(self, key: str) -> None:
+        _require(self.memory_bytes >= 1 << 20, f"{key}.memory_bytes", ">= 1 MiB")
+        _require(self.disk_bytes >= 1 << 20, f"{key}.disk_bytes", ">= 1 MiB")
+        _require(self.mode in ("overflow", "always"), f"{key}.mode", "overflow or always")
+        _require(self.mode == "overflow" or bool(self.disk_dir), f"{key}.disk_dir",
+                 "set when mode is always")
+
+
+@dataclass(frozen=True, slots=True)
+class ElasticsearchConfig:
+    """`_bulk` into a data stream (`create`, `@timestamp` set) or an index.
+
+    `index` may hold a strftime date pattern of the record's UTC day (`logs-%Y.%m.%d`)
+    when `data_stream` is off. `document_id`: a deterministic `_id` per record (a hash
+    of container id, time, stream and message) so that a resend does not duplicate.
+    """
+
+    index: str = "logs-podtap-default"
+    data_stream: bool = True
+    document_id: bool = False
+    pipeline: str = ""  # an ingest pipeline
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.index), f"{key}.index", "a non-empty string")
+        _require(self.index == self.index.lower(), f"{key}.index", "lower case")
+        if self.data_stream:
+            _require("%" not in self.index, f"{key}.index",
+                     "without a date pattern when data_stream is on")
+
+
+LOKI_LABELS = ("namespace", "pod", "container", "stream", "node", "app", "job", "pod_uid",
+               "container_id", "image")
+
+
+@dataclass(frozen=True, slots=True)
+class LokiConfig:
+    """Loki push. Stream labels come from `labels` (a small set: each value makes streams)
+    and the pod labels named in `pod_labels`; the rest of the metadata goes as structured
+    metadata (`metadata: structured`), inside the line as JSON (`json`), or nowhere."""
+
+    labels: tuple[str, ...] = ("namespace", "pod", "container", "stream", "node")
+    pod_labels: tuple[str, ...] = ()
+    metadata: str = "structured"
+    tenant: str = ""  # X-Scope-OrgID
+
+    def validate(self, key: str) -> None:
+        for i, label in enumerate(self.labels):
+            _require(label in LOKI_LABELS, f"{key}.labels[{i}]", f"one of {LOKI_LABELS}")
+        _require(self.metadata in ("structured", "json", "none"), f"{key}.metadata",
+                 "structured, json or none")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFormatConfig:
+    format: str = "ndjson"  # or json_array
+
+    def validate(self, key: str) -> None:
+        _require(self.format in ("ndjson", "json_array"), f"{key}.format", "ndjson or json_array")
+
+
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
+    """One destination. `kind` picks the backend; the HTTP options apply to every kind
+    but stdout. `url`: the base URL (Elasticsearch, Loki: `/loki/api/v1/push` is added;
+    OTLP: `/v1/logs` is added) or the full URL (http)."""
+
     kind: str = "stdout"
+    url: str = ""
+    gzip: bool = True
+    gzip_level: int = 3
+    timeout_s: float = 30.0
+    max_in_flight: int = 2
+    headers: dict[str, str] = field(default_factory=dict)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    dead_letter_dir: str = ""  # "" = <buffer.disk_dir>/<name>/dead, or none (counted only)
+    dedot_labels: bool | None = None  # None = on for elasticsearch, else records.dedot_labels
+    elasticsearch: ElasticsearchConfig = field(default_factory=ElasticsearchConfig)
+    loki: LokiConfig = field(default_factory=LokiConfig)
+    http: HttpFormatConfig = field(default_factory=HttpFormatConfig)
+
+    def validate(self, key: str = "sink") -> None:
+        _require(self.kind in SINK_KINDS, f"{key}.kind", f"one of {', '.join(SINK_KINDS)}")
+        if self.kind != "stdout":
+            _require(self.url.startswith(("http://", "https://")), f"{key}.url",
+                     "an http:// or https:// URL")
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(self.url)
+                parts.port  # noqa: B018  # raises for a bad port
+            except ValueError as e:
+                raise ConfigError(f"{key}.url: {e}") from e
+            _require(bool(parts.hostname), f"{key}.url", "a URL with a host")
+        _require(0 <= self.gzip_level <= 9, f"{key}.gzip_level", "in [0, 9]")
+        _require(_finite(self.timeout_s) and self.timeout_s > 0, f"{key}.timeout_s", "> 0")
+        _require(1 <= self.max_in_flight <= 64, f"{key}.max_in_flight", "in [1, 64]")
+        for name in self.headers:
+            _require(name.lower() not in ("authorization", "content-encoding", "content-length"),
+                     f"{key}.headers.{name}", "set by podtap (use auth or gzip)")
+        self.tls.validate(f"{key}.tls")
+        self.auth.validate(f"{key}.auth")
+        self.batch.validate(f"{key}.batch")
+        self.retry.validate(f"{key}.retry")
+        self.buffer.validate(f"{key}.buffer")
+        self.elasticsearch.validate(f"{key}.elasticsearch")
+        self.loki.validate(f"{key}.loki")
+        self.http.validate(f"{key}.http")
+
+
+def _default_sinks() -> dict[str, SinkConfig]:
+    return {"stdout": SinkConfig()}
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """The agent's own HTTP server: /metrics (Prometheus), /healthz, /readyz."""
+
+    enabled: bool = True
+    address: str = "0.0.0.0"
+    port: int = 2020
+    sink_failing_s: float = 300.0  # /readyz fails when a sink failed this long
 
     def validate(self) -> None:
-        _require(self.kind in ("stdout",), "sink.kind", "stdout (the only sink so far)")
+        _require(0 <= self.port <= 65535, "telemetry.port", "in [0, 65535] (0: any free port)")
+        _require(bool(self.address), "telemetry.address", "an address")
+        _require(_finite(self.sink_failing_s) and self.sink_failing_s > 0,
+                 "telemetry.sink_failing_s", "> 0")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    shutdown_grace_s: float = 10.0  # SIGTERM: time to deliver what is buffered
+    log_format: str = "json"  # the agent's own log on stderr: json or text
+
+    def validate(self) -> None:
+        _require(_finite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0,
+                 "agent.shutdown_grace_s", ">= 0")
+        _require(self.log_format in ("json", "text"), "agent.log_format", "json or text")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +428,28 @@ class Config:
     kube: KubeConfig = field(default_factory=KubeConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
-    sink: SinkConfig = field(default_factory=SinkConfig)
+    sinks: dict[str, SinkConfig] = field(default_factory=_default_sinks)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "sinks":
+                getattr(self, f.name).validate()
+        _require(bool(self.sinks), "sinks", "at least one sink")
+        for name, sink in self.sinks.items():
+            _require(bool(_SINK_NAME.fullmatch(name)), f"sinks.{name}",
+                     "named with [a-z0-9_-] (at most 63 characters)")
+            sink.validate(f"sinks.{name}")
+        stdout = [n for n, s in self.sinks.items() if s.kind == "stdout"]
+        _require(len(stdout) <= 1, f"sinks.{stdout[-1] if stdout else ''}", "the only stdout sink")
+
+
+_SINK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 _TRUE = ("true", "1", "yes", "on")
@@ -246,7 +514,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, str) for k, v in value.items()}
+        value_hint = typing.get_args(hint)[1]
+        return {str(k): _coerce(f"{key}.{k}", v, value_hint) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(key, hint, value)
     return value
@@ -270,18 +539,36 @@ def _build(prefix: str, cls: Any, data: Any) -> Any:
     return cls(**kwargs)
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for name, value in environ.items():
         if not name.startswith("PODTAP_"):
             continue
         rest = name[len("PODTAP_") :].lower()
+        if rest.startswith("sinks__"):  # PODTAP_SINKS__<NAME>__<KEY>[__<KEY>...]
+            path = rest.split("__")[1:]
+            if len(path) < 2 or not all(path):
+                raise ConfigError(f"{name}: expected PODTAP_SINKS__<NAME>__<KEY>")
+            node: dict[str, Any] = out.setdefault("sinks", {})
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+            continue
         for section in sections:
             if rest.startswith(section + "_"):
                 out.setdefault(section, {})[rest[len(section) + 1 :]] = value
                 break
     return out
+
+
+def _merge(target: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key] = dict(target[key])
+            _merge(target[key], value)
+        else:
+            target[key] = value
 
 
 def config_from_dict(data: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
@@ -292,7 +579,7 @@ def config_from_dict(data: dict[str, Any], environ: dict[str, str] | None = None
         target = merged[section]
         if not isinstance(target, dict):
             raise ConfigError(f"{section} must be a mapping")
-        target.update(values)
+        _merge(target, values)
     cfg = _build("", Config, merged)
     assert isinstance(cfg, Config)
     cfg.validate()
