@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the node agent (kubelet discovery, sinks)")
     run.add_argument("--config", "-c", help="YAML configuration file")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the configuration, print it (secrets masked) and exit")
 
     tap = sub.add_parser("tap", help="print what containers write to stdout/stderr")
     tap.add_argument("--cgroup", action="append", default=[], metavar="PATH",
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--config", "-c", help="YAML configuration file")
 
     sub.add_parser("check", help="check the node's requirements")
+    sub.add_parser("config-schema", help="print the JSON Schema of the configuration")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -110,13 +113,35 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.dry_run:
+        import yaml
+
+        from agent.config import effective_config
+
+        sys.stdout.write(yaml.safe_dump(effective_config(cfg), sort_keys=False))
+        return 0
     from agent.pipeline import run_agent
 
-    cfg = load_config(args.config)
     return asyncio.run(run_agent(cfg))
 
 
-COMMANDS = {"tap": cmd_tap, "check": cmd_check, "version": cmd_version, "run": cmd_run}
+def cmd_config_schema(_args: argparse.Namespace) -> int:
+    import json
+
+    from agent.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+COMMANDS = {
+    "tap": cmd_tap,
+    "check": cmd_check,
+    "version": cmd_version,
+    "run": cmd_run,
+    "config-schema": cmd_config_schema,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,9 @@ variables override the file: `PODTAP_<SECTION>_<KEY>` (e.g.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -19,9 +21,19 @@ from typing import Any
 
 import yaml
 
+log = logging.getLogger("podtap.config")
+
 
 class ConfigError(Exception):
     """Invalid configuration; the message names the key."""
+
+
+SINK_KINDS = ("stdout", "elasticsearch", "loki", "otlp", "http")
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field with a fixed set of values (listed in the JSON Schema as an enum)."""
+    return field(default=default, metadata={"enum": choices})
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +153,7 @@ class FiltersConfig:
 
 @dataclass(frozen=True, slots=True)
 class RecordsConfig:
-    schema: str = "fluentbit"  # or "otel"
+    schema: str = _choice("fluentbit", ("fluentbit", "otel"))
     dedot_labels: bool | None = None  # None = on for Elasticsearch sinks, else off
     include_annotations: bool = False
     include_namespace_labels: bool = False  # needs list/watch on namespaces (API server)
@@ -162,9 +174,6 @@ class RecordsConfig:
             )
         except ValueError as e:
             raise ConfigError(f"records.time_key: {e}") from e
-
-
-SINK_KINDS = ("stdout", "elasticsearch", "loki", "otlp", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +283,7 @@ class BufferConfig:
     memory_bytes: int = 32 << 20
     disk_dir: str = ""
     disk_bytes: int = 1 << 30
-    mode: str = "overflow"
+    mode: str = _choice("overflow", ("overflow", "always"))
     fsync: bool = False  # fsync every disk write (see README: what an OS crash can lose)
 
     def validate(self, key: str) -> None:
@@ -319,7 +328,7 @@ class LokiConfig:
 
     labels: tuple[str, ...] = ("namespace", "pod", "container", "stream", "node")
     pod_labels: tuple[str, ...] = ()
-    metadata: str = "structured"
+    metadata: str = _choice("structured", ("structured", "json", "none"))
     tenant: str = ""  # X-Scope-OrgID
 
     def validate(self, key: str) -> None:
@@ -331,7 +340,7 @@ class LokiConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpFormatConfig:
-    format: str = "ndjson"  # or json_array
+    format: str = _choice("ndjson", ("ndjson", "json_array"))
 
     def validate(self, key: str) -> None:
         _require(self.format in ("ndjson", "json_array"), f"{key}.format", "ndjson or json_array")
@@ -343,7 +352,7 @@ class SinkConfig:
     but stdout. `url`: the base URL (Elasticsearch, Loki: `/loki/api/v1/push` is added;
     OTLP: `/v1/logs` is added) or the full URL (http)."""
 
-    kind: str = "stdout"
+    kind: str = _choice("stdout", SINK_KINDS)
     url: str = ""
     gzip: bool = True
     gzip_level: int = 3
@@ -413,7 +422,7 @@ class TelemetryConfig:
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: time to deliver what is buffered
-    log_format: str = "json"  # the agent's own log on stderr: json or text
+    log_format: str = _choice("json", ("json", "text"))  # the agent's own log on stderr
 
     def validate(self) -> None:
         _require(_finite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0,
@@ -491,14 +500,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if hint is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -539,11 +549,19 @@ def _build(prefix: str, cls: Any, data: Any) -> Any:
     return cls(**kwargs)
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+# PODTAP_* variables that are not configuration keys (read elsewhere).
+NON_CONFIG_VARIABLES = frozenset({"PODTAP_LOG_LEVEL", "PODTAP_BPF_DIR"})
+
+
+def _env_overrides(
+    environ: dict[str, str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The overrides as nested sections, and which variable set each dotted key."""
     out: dict[str, dict[str, Any]] = {}
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    origins: dict[str, str] = {}
+    sections = [f.name for f in dataclasses.fields(Config) if f.name != "sinks"]
     for name, value in environ.items():
-        if not name.startswith("PODTAP_"):
+        if not name.startswith("PODTAP_") or name in NON_CONFIG_VARIABLES:
             continue
         rest = name[len("PODTAP_") :].lower()
         if rest.startswith("sinks__"):  # PODTAP_SINKS__<NAME>__<KEY>[__<KEY>...]
@@ -554,12 +572,21 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             for part in path[:-1]:
                 node = node.setdefault(part, {})
             node[path[-1]] = value
+            origins["sinks." + ".".join(path)] = name
             continue
-        for section in sections:
-            if rest.startswith(section + "_"):
-                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
-                break
-    return out
+        section = next((sec for sec in sections if rest.startswith(sec + "_")), None)
+        if section is None:
+            log.warning(
+                "environment variable %s matches no configuration section (%s, or "
+                "PODTAP_SINKS__<NAME>__<KEY>); ignored",
+                name,
+                ", ".join(sections),
+            )
+            continue
+        key = rest[len(section) + 1 :]
+        out.setdefault(section, {})[key] = value
+        origins[f"{section}.{key}"] = name
+    return out, origins
 
 
 def _merge(target: dict[str, Any], values: dict[str, Any]) -> None:
@@ -571,18 +598,31 @@ def _merge(target: dict[str, Any], values: dict[str, Any]) -> None:
             target[key] = value
 
 
+def _name_the_variable(error: ConfigError, origins: dict[str, str]) -> ConfigError:
+    """An error about a value that came from the environment names the variable too."""
+    text = str(error)
+    for key, variable in origins.items():
+        if text.startswith((key + " ", key + ":")) or text.endswith(" " + key):
+            return ConfigError(f"{variable} (configuration key {key}): {text}")
+    return error
+
+
 def config_from_dict(data: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
     merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
+    overrides, origins = _env_overrides(dict(os.environ if environ is None else environ))
+    for section, values in overrides.items():
         if merged.get(section) is None:  # a section with every key commented out
             merged[section] = {}
         target = merged[section]
         if not isinstance(target, dict):
             raise ConfigError(f"{section} must be a mapping")
         _merge(target, values)
-    cfg = _build("", Config, merged)
-    assert isinstance(cfg, Config)
-    cfg.validate()
+    try:
+        cfg = _build("", Config, merged)
+        assert isinstance(cfg, Config)
+        cfg.validate()
+    except ConfigError as e:
+        raise _name_the_variable(e, origins) from None
     return cfg
 
 
@@ -601,3 +641,99 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
         if not isinstance(data, dict):
             raise ConfigError(f"configuration {path} must be a mapping at the top level")
     return config_from_dict(data, environ)
+
+
+# --- JSON Schema and the effective configuration ------------------------------------------
+
+
+def _schema_of(hint: Any, default: Any = dataclasses.MISSING, meta: Any = None) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    out: dict[str, Any]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out = {"anyOf": [_schema_of(args[0]), {"type": "null"}]}
+    elif hint is bool:
+        out = {"type": "boolean"}
+    elif hint is int:
+        out = {"type": "integer"}
+    elif hint is float:
+        out = {"type": "number"}
+    elif hint is str:
+        out = {"type": "string"}
+        if meta and "enum" in meta:
+            out["enum"] = list(meta["enum"])
+    elif origin in (list, tuple):
+        out = {"type": "array", "items": _schema_of(typing.get_args(hint)[0])}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _schema_of(typing.get_args(hint)[1])}
+    elif dataclasses.is_dataclass(hint):
+        out = _dataclass_schema(hint)
+    else:
+        raise TypeError(f"no JSON Schema for {hint!r}")
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        out["default"] = _plain(default)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dataclass_schema(cls: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    properties = {}
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        properties[f.name] = _schema_of(hints[f.name], default, f.metadata)
+    doc = (cls.__doc__ or "").strip()
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False}
+    if doc and not doc.startswith(cls.__name__ + "("):
+        schema["description"] = " ".join(doc.split())
+    schema["properties"] = properties
+    return schema
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the YAML configuration, from the same dataclasses
+    that load it. Ranges and cross-field rules are checked by `validate()` only."""
+    schema = _dataclass_schema(Config)
+    schema.pop("description", None)
+    schema["properties"]["sinks"]["propertyNames"] = {"pattern": "^" + _SINK_NAME.pattern + "$"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "podtap configuration",
+        **schema,
+    }
+
+
+_MASK = "***"
+
+
+def _mask_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{_MASK}@{host}"))
+
+
+def effective_config(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain data, secrets masked: header values and passwords in
+    URLs (credentials themselves are only ever named by file or variable)."""
+    data = dataclasses.asdict(cfg)
+    for sink in data["sinks"].values():
+        sink["url"] = _mask_url(sink["url"])
+        sink["headers"] = {name: _MASK for name in sink["headers"]}
+    data["kube"]["kubelet_url"] = _mask_url(data["kube"]["kubelet_url"])
+    data["kube"]["apiserver_url"] = _mask_url(data["kube"]["apiserver_url"])
+    return data
