@@ -310,7 +310,8 @@ class ElasticsearchConfig:
 
     def validate(self, key: str) -> None:
         _require(bool(self.index), f"{key}.index", "a non-empty string")
-        _require(self.index == self.index.lower(), f"{key}.index", "lower case")
+        name = re.sub(r"%[a-zA-Z%]", "", self.index)  # strftime directives are not the name
+        _require(name == name.lower(), f"{key}.index", "lower case")
         if self.data_stream:
             _require("%" not in self.index, f"{key}.index",
                      "without a date pattern when data_stream is on")

@@ -23,8 +23,9 @@ from agent.config import (
     FiltersConfig,
     KubeConfig,
     LinesConfig,
+    AgentConfig,
     RecordsConfig,
-    SinkConfig,
+    TelemetryConfig,
     config_from_dict,
     load_config,
 )
@@ -36,7 +37,8 @@ SECTIONS: dict[str, type[Any]] = {
     "kube": KubeConfig,
     "filters": FiltersConfig,
     "records": RecordsConfig,
-    "sink": SinkConfig,
+    "telemetry": TelemetryConfig,
+    "agent": AgentConfig,
 }
 
 
@@ -70,7 +72,7 @@ def config_error(data: dict[str, Any], environ: dict[str, str] | None = None) ->
 
 def test_config_field_table_is_complete() -> None:
     """The tables below walk every section; a new section must be added to SECTIONS."""
-    assert {f.name for f in dataclasses.fields(Config)} == set(SECTIONS)
+    assert {f.name for f in dataclasses.fields(Config)} == set(SECTIONS) | {"sinks"}
     hints = typing.get_type_hints(Config)
     assert {name: hints[name] for name in SECTIONS} == SECTIONS
 
@@ -166,8 +168,14 @@ records:
   include_node_labels: true
   time_key: ts
   timestamp_key_es: true
-sink:
-  kind: stdout
+telemetry:
+  enabled: false
+  address: 127.0.0.1
+  port: 9000
+  sink_failing_s: 30
+agent:
+  shutdown_grace_s: 3
+  log_format: text
 """
 
 FULL = Config(
@@ -223,7 +231,8 @@ FULL = Config(
         time_key="ts",
         timestamp_key_es=True,
     ),
-    sink=SinkConfig(kind="stdout"),
+    telemetry=TelemetryConfig(enabled=False, address="127.0.0.1", port=9000, sink_failing_s=30.0),
+    agent=AgentConfig(shutdown_grace_s=3.0, log_format="text"),
 )
 
 
@@ -232,8 +241,6 @@ def test_full_yaml_file_sets_every_key(tmp_path: Path) -> None:
     assert cfg == FULL
     # Every key of every section differs from its default: nothing was silently ignored.
     for section, key, _hint in FIELDS:
-        if (section, key) == ("sink", "kind"):
-            continue  # the only sink so far
         assert getattr(getattr(cfg, section), key) != getattr(getattr(Config(), section), key), (
             f"{section}.{key} kept its default"
         )
@@ -263,11 +270,11 @@ def test_optional_bool_accepts_null(tmp_path: Path) -> None:
 
 
 def test_env_overrides_file_and_keeps_other_file_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, "capture:\n  max_write: 8192\n  chunk: 4096\nsink: {kind: stdout}\n")
+    path = write(tmp_path, "capture:\n  max_write: 8192\n  chunk: 4096\nagent: {log_format: text}\n")
     cfg = load_config(path, environ={"PODTAP_CAPTURE_MAX_WRITE": "0x10000"})
     assert cfg.capture.max_write == 0x10000
     assert cfg.capture.chunk == 4096
-    assert cfg.sink.kind == "stdout"
+    assert cfg.agent.log_format == "text"
 
 
 def test_env_adds_a_section_missing_from_the_file(tmp_path: Path) -> None:
@@ -319,7 +326,7 @@ def test_env_does_not_change_the_caller_data() -> None:
         ("records.schema", "otel", "otel"),
         ("kube.node_name", "", ""),
         ("kube.kubelet_url", "https://[fd00::1]:10250", "https://[fd00::1]:10250"),
-        ("sink.kind", "stdout", "stdout"),
+        ("agent.log_format", "text", "text"),
     ],
 )
 def test_env_override_coercion(dotted: str, text: str, expected: object) -> None:
@@ -494,7 +501,7 @@ def test_yaml_round_trip(tmp_path_factory: pytest.TempPathFactory, data: dict[st
         ({"kube": {"kubelet": "https://x"}}, {}, "kube.kubelet"),
         ({"records": {"schema": "otel", "typo": 1}}, {}, "records.typo"),
         ({}, {"PODTAP_CAPTURE_BOGUS": "1"}, "capture.bogus"),
-        ({}, {"PODTAP_SINK_URL": "http://x"}, "sink.url"),
+        ({}, {"PODTAP_TELEMETRY_URL": "http://x"}, "telemetry.url"),
         ({}, {"PODTAP_KUBE_": "1"}, "kube."),
     ],
 )
@@ -602,7 +609,7 @@ RANGE_CASES: list[tuple[str, str, list[Any], list[Any]]] = [
     ("kube", "cgroup_roots", [[""], ["/"], ["a", "b"]], [[]]),
     ("records", "schema", ["fluentbit", "otel"], ["", "json", "Fluentbit", "OTEL", "gelf"]),
     ("records", "time_key", ["time", "@timestamp", "ts"], [""]),
-    ("sink", "kind", ["stdout"], ["", "loki", "elasticsearch", "STDOUT", "file"]),
+    ("agent", "log_format", ["json", "text"], ["", "JSON", "logfmt"]),
 ]
 
 
