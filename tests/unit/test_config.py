@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import (
+    AgentConfig,
     CaptureConfig,
     Config,
     ConfigError,
     FiltersConfig,
     KubeConfig,
     LinesConfig,
-    AgentConfig,
     RecordsConfig,
     TelemetryConfig,
     config_from_dict,
@@ -270,7 +270,8 @@ def test_optional_bool_accepts_null(tmp_path: Path) -> None:
 
 
 def test_env_overrides_file_and_keeps_other_file_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, "capture:\n  max_write: 8192\n  chunk: 4096\nagent: {log_format: text}\n")
+    text = "capture:\n  max_write: 8192\n  chunk: 4096\nagent: {log_format: text}\n"
+    path = write(tmp_path, text)
     cfg = load_config(path, environ={"PODTAP_CAPTURE_MAX_WRITE": "0x10000"})
     assert cfg.capture.max_write == 0x10000
     assert cfg.capture.chunk == 4096
