@@ -136,22 +136,24 @@ class RateLimitFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.min_level or "suppressed" in vars(record):
-            return True
         key = (record.name, record.levelno, record.msg)
-        try:
-            hash(key)
-        except TypeError:  # a msg that is not a template (a dict, say): never limited
-            return True
+        limited = record.levelno >= self.min_level and "suppressed" not in vars(record)
+        if limited:
+            try:
+                hash(key)
+            except TypeError:  # a msg that is not a template (a dict, say): never limited
+                limited = False
+        window = None
         with self._lock:
             now = self.clock()
-            ended = self._take_ended(now)
-            window = self._windows.get(key)
-            if window is None:
-                self._windows[key] = _Window(now + self.window_s)
-            else:
-                window.suppressed += 1
-                window.last = record
+            ended = self._take_ended(now)  # any record closes the windows that ended
+            if limited:
+                window = self._windows.get(key)
+                if window is None:
+                    self._windows[key] = _Window(now + self.window_s)
+                else:
+                    window.suppressed += 1
+                    window.last = record
         self._emit_summaries(ended)
         return window is None
 
