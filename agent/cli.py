@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from agent.config import Config, ConfigError, load_config
+from agent.logs import setup_logging
 
 
 def _size(text: str) -> int:
@@ -114,6 +114,7 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    setup_logging(args.log_level, cfg.agent.log_format)
     if args.dry_run:
         import yaml
 
@@ -146,9 +147,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        setup_logging(args.log_level, "text")
+    except ValueError as e:
+        print(f"podtap: {e}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
@@ -158,11 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"podtap: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # the known failure classes carry their own clear message
+        from agent.capture.btf import BtfError
         from agent.capture.headers import HeadersError
         from agent.capture.host import HostError
         from agent.capture.probe import ProbeError
+        from agent.kube.cgroups import CgroupError
+        from agent.kube.kubelet import KubeletError
+        from agent.sinks.stdout import StdoutBroken
 
-        if isinstance(e, (HeadersError, HostError, ProbeError)):
+        known = (HeadersError, HostError, ProbeError, BtfError, CgroupError, KubeletError,
+                 StdoutBroken)
+        if isinstance(e, known):
             print(f"podtap: {e}", file=sys.stderr)
             return 1
         raise

@@ -1,4 +1,9 @@
-"""Lines -> enriched JSON records, holding the lines of containers not known yet.
+"""Lines -> enriched lines for the sinks, holding the lines of containers not known yet.
+
+Each known container gets one `Origin` (its metadata and the sinks' encoder slots);
+an enriched line is `(origin, unix time ns, stream, message, partial)`. The boot-clock
+timestamps of the kernel become Unix time with the offset read once per batch, so a
+clock step (NTP, a VM resume) shows in the next batch, not never.
 
 A container may write before the agent has its metadata (its first lines come
 from the kernel flagged "unknown").  Its lines are held, in order, per cgroup
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 
 from agent.kube.discovery import Known
 from agent.lines import Line
-from agent.records import ContainerEncoder, RecordFormat
+from agent.sinks.base import Enriched, Origin
 
 STDOUT = 1
 HELD_LINE_OVERHEAD = 96  # bytes a held line costs beyond its message (tuple, ints, list slot)
@@ -42,47 +47,48 @@ class Enricher:
     def __init__(
         self,
         lookup: Callable[[int], Known | None],
-        fmt: RecordFormat,
-        offset_ns: int,
+        sinks: int,
+        realtime_offset_ns: Callable[[], int],
         hold_max_bytes: int,
         hold_timeout_ns: int,
         on_unknown: Callable[[], None],
     ) -> None:
         self.lookup = lookup
-        self.fmt = fmt
-        self.offset_ns = offset_ns
+        self.sinks = sinks
+        self.realtime_offset_ns = realtime_offset_ns
         self.hold_max_bytes = hold_max_bytes
         self.hold_timeout_ns = hold_timeout_ns
         self.on_unknown = on_unknown
-        self.encoders: dict[int, tuple[ContainerEncoder, bool, bool]] = {}
+        self.origins: dict[int, tuple[Origin, bool, bool]] = {}
         self.held: dict[int, Held] = {}
         self.held_bytes = 0
         self.stats = EnrichStats()
 
-    def process(self, lines: list[Line], out: list[bytes]) -> None:
-        """Encode what can be encoded now, in order; hold the rest."""
-        encoders, held, offset = self.encoders, self.held, self.offset_ns
+    def process(self, lines: list[Line], out: list[Enriched]) -> None:
+        """Enrich what can be enriched now, in order; hold the rest."""
+        origins, held = self.origins, self.held
+        offset = self.realtime_offset_ns() if lines else 0
         before = len(out)
         for line in lines:
             ts, _pid, stream, tag, message, partial = line
             cg: int = tag[0]  # type: ignore[index]
-            entry = encoders.get(cg)
+            entry = origins.get(cg)
             if entry is None or cg in held:
-                entry = None if cg in held else self._encoder(cg)
+                entry = None if cg in held else self._origin(cg)
                 if entry is None:
                     self._hold(cg, line)
                     continue
-            encoder, keep_out, keep_err = entry
+            origin, keep_out, keep_err = entry
             if keep_out if stream == STDOUT else keep_err:
-                out.append(encoder.encode(ts + offset, stream, message, partial))
+                out.append((origin, ts + offset, stream, message, partial))
         self.stats.records += len(out) - before
 
-    def _encoder(self, cg: int) -> tuple[ContainerEncoder, bool, bool] | None:
+    def _origin(self, cg: int) -> tuple[Origin, bool, bool] | None:
         known = self.lookup(cg)
         if known is None:
             return None
-        entry = (ContainerEncoder(known.meta, self.fmt), known.capture_stdout, known.capture_stderr)
-        self.encoders[cg] = entry
+        entry = (Origin(cg, known.meta, self.sinks), known.capture_stdout, known.capture_stderr)
+        self.origins[cg] = entry
         return entry
 
     def _hold(self, cg: int, line: Line) -> None:
@@ -99,13 +105,12 @@ class Enricher:
         self.held_bytes += size
         self.stats.held_lines += 1
 
-    def release(self, now_ns: int, out: list[bytes], final: bool = False) -> None:
+    def release(self, now_ns: int, out: list[Enriched], final: bool = False) -> None:
         """Ship held lines whose container is now known; drop those held too long
         (or all that remain, when `final`)."""
         for cg in list(self.held):
             entry = self.held[cg]
-            encoder = self._encoder(cg)
-            if encoder is None:
+            if self._origin(cg) is None:
                 if final or now_ns - entry.since_ns > self.hold_timeout_ns:
                     self.stats.dropped_unresolved += len(entry.lines)
                     self._unhold(cg)
@@ -127,4 +132,5 @@ class Enricher:
         return bool(self.held)
 
     def forget(self, cg: int) -> None:
-        self.encoders.pop(cg, None)
+        """The container is gone or its metadata changed: the next line looks it up again."""
+        self.origins.pop(cg, None)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.capture.events import (
     EV_CGROUP,
@@ -40,20 +40,21 @@ from agent.capture.probe import PodsRoot, Probe
 from agent.capture.source import CaptureSource
 from agent.config import Config, KubeConfig
 from agent.enrich import Enricher
-from agent.kube.apiserver import (
-    ApiServerConfigError,
-    NamespaceLabels,
-    make_core_api,
-    node_labels,
-)
 from agent.kube.cgroups import find_cgroup2_mount, first_pid, stream_idents
 from agent.kube.discovery import Discovery
 from agent.kube.filters import FilterConfig
 from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
 from agent.lines import Line, LineAssembler
-from agent.records import RecordFormat, encode_tap_line
-from agent.sinks.stdout import StdoutSink
+from agent.logs import flush_suppressed, log_counters
+from agent.records import encode_tap_line
+from agent.sinks.base import Enriched, Sink, SinkStats
+from agent.sinks.factory import build_sinks
+from agent.sinks.stdout import TapOutput
+from agent.telemetry import Snapshot, TelemetryServer, readiness_reasons
+
+if TYPE_CHECKING:
+    from agent.kube.apiserver import NamespaceLabels
 
 log = logging.getLogger("podtap")
 
@@ -131,10 +132,11 @@ async def run_until_stopped(
     stop: asyncio.Event,
     consume: Coroutine[Any, Any, None],
     helpers: dict[str, Coroutine[Any, Any, None]],
-) -> None:
+) -> list[str]:
     """Run the consumer and the named helper tasks until `stop` is set (or one of them
-    ends); cancel the helpers (logging any that failed), then stop the capture — detach,
-    hand over what is left in the ring — and let the consumer finish with it."""
+    ends); cancel the helpers, then stop the capture — detach, hand over what is left in
+    the ring — and let the consumer finish with it. Returns the names of the helpers
+    that failed (the agent then exits non-zero)."""
     consumer = asyncio.create_task(consume, name="consume")
     tasks = [asyncio.create_task(coro, name=name) for name, coro in helpers.items()]
     stopped = asyncio.create_task(stop.wait(), name="stop")
@@ -142,11 +144,15 @@ async def run_until_stopped(
     for task in (*tasks, stopped):
         task.cancel()
     await asyncio.gather(*tasks, stopped, return_exceptions=True)
+    failed = []
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+            failed.append(task.get_name())
+            log.error("task %s failed: %s; stopping", task.get_name(), task.exception(),
+                      exc_info=task.exception())
     source.stop()
     await consumer
+    return failed
 
 
 class TextFormatter:
@@ -258,7 +264,7 @@ class TapPipeline:
         )
         self._idents: dict[int, tuple[FileIdent, FileIdent] | None] = {}
         self._stop = asyncio.Event()
-        self.sink = StdoutSink(out)
+        self.sink = TapOutput(out)
 
     def _say(self, text: str) -> None:
         self.err.write(f"podtap: {text}\n".encode())
@@ -371,21 +377,22 @@ def kubelet_config(cfg: KubeConfig) -> KubeletConfig:
     )
 
 
-def record_format(cfg: Config) -> RecordFormat:
-    r = cfg.records
-    return RecordFormat(
-        schema=r.schema,  # type: ignore[arg-type]  # validated by RecordsConfig
-        dedot_labels=bool(r.dedot_labels),
-        include_annotations=r.include_annotations,
-        include_namespace_labels=r.include_namespace_labels,
-        include_node_labels=r.include_node_labels,
-        time_key=r.time_key,
-        timestamp_key_es=r.timestamp_key_es,
+def node_name(cfg: KubeConfig) -> str:
+    """kube.node_name, else $NODE_NAME (downward API); the host name only with a warning:
+    in a pod it is the pod's name, and records would name the wrong node."""
+    name = cfg.node_name or os.environ.get("NODE_NAME", "")
+    if name:
+        return name
+    host = socket.gethostname()
+    log.warning(
+        "neither kube.node_name nor NODE_NAME is set: using the host name %r as the node "
+        "name (set NODE_NAME from the downward API: fieldRef spec.nodeName)", host,
     )
+    return host
 
 
 class AgentPipeline:
-    """`podtap run`: kubelet discovery, capture, lines, enrichment, sink."""
+    """`podtap run`: kubelet discovery, capture, lines, enrichment, sinks, telemetry."""
 
     HOUSEKEEPING_S = 0.1
     STATS_EVERY_S = 60.0
@@ -406,18 +413,19 @@ class AgentPipeline:
             pods_root = PodsRoot(os.stat(pods_dir).st_ino, len(Path(pods_rel).parts))
         self.probe = Probe(cfg.capture, pods_root)
         self.client = KubeletClient(kubelet_config(kube))
+        self.sinks: list[Sink] = build_sinks(cfg, out if out is not None else sys.stdout.buffer)
         filters = FilterConfig(
             **{f.name: getattr(cfg.filters, f.name) for f in dataclasses.fields(cfg.filters)}
         )
-        host = kube.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
         self.discovery = Discovery(
-            kube, filters, self.client, self.probe, self.mount, host, "/" + (pods_rel or "")
+            kube, filters, self.client, self.probe, self.mount, node_name(kube),
+            "/" + (pods_rel or ""),
         )
         self.lines = LineStage(cfg, on_cgroup=self.discovery.on_cgroup_created)
         self.enricher = Enricher(
             self.discovery.lookup,
-            record_format(cfg),
-            boot_to_realtime_offset_ns(),
+            len(self.sinks),
+            boot_to_realtime_offset_ns,
             kube.hold_max_bytes,
             int(kube.hold_timeout_s * 1e9),
             self.discovery.request_poll,
@@ -429,11 +437,18 @@ class AgentPipeline:
         if cfg.records.include_namespace_labels or cfg.records.include_node_labels:
             self._connect_apiserver()
         self.discovery.wants_repoll = lambda: self.enricher.holding
-        self.sink = StdoutSink(out if out is not None else sys.stdout.buffer)
+        self.telemetry: TelemetryServer | None = None
+        if cfg.telemetry.enabled:
+            self.telemetry = TelemetryServer(cfg.telemetry, self.snapshot, self.readiness)
+        self._attached = False
         self._stop = asyncio.Event()
 
     def _connect_apiserver(self) -> None:
         """Namespace labels (list+watch) and node labels, from the API server."""
+        # Imported here: the kubernetes client costs memory on every node, and is off
+        # by default.
+        from agent.kube.apiserver import ApiServerConfigError, NamespaceLabels, make_core_api
+
         kube = self.cfg.kube
         try:
             self.core_api = make_core_api(
@@ -455,10 +470,20 @@ class AgentPipeline:
         for cg in self.discovery.relabel_namespace(namespace):
             self.enricher.forget(cg)  # the next line rebuilds its encoder
 
+    def _put(self, enriched: list[Enriched]) -> None:
+        if enriched:
+            for sink in self.sinks:
+                sink.put(enriched)
+
     def _ship(self, lines: list[Line]) -> None:
-        out: list[bytes] = []
+        out: list[Enriched] = []
         self.enricher.process(lines, out)
-        self.sink.send(out)
+        self._put(out)
+
+    def _release(self, final: bool = False) -> None:
+        out: list[Enriched] = []
+        self.enricher.release(boottime_ns(), out, final)
+        self._put(out)
 
     async def _consume(self, source: CaptureSource) -> None:
         async for records in source.batches():
@@ -470,20 +495,35 @@ class AgentPipeline:
             await asyncio.sleep(self.HOUSEKEEPING_S)
             self._ship(self.lines.flush_idle())
             self.discovery.refresh_idents()
-            out: list[bytes] = []
-            self.enricher.release(boottime_ns(), out)
-            self.sink.send(out)
+            self._release()
             if time.monotonic() >= next_stats:
                 next_stats += self.STATS_EVERY_S
-                log.info("stats %s", self.stats())
+                flush_suppressed()
+                log_counters(log, "stats", self.stats())
+
+    async def _preflight(self) -> None:
+        """Say at start which sink cannot be reached (bad URL, certificate): the agent
+        still starts and buffers, since a backend may come back."""
+        for sink in self.sinks:
+            check = getattr(sink, "preflight", None)
+            if check is None:
+                continue
+            problem = await check()
+            if problem:
+                log.error("sink %s: %s", sink.name, problem, extra={"sink": sink.name})
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         install_stop_signals(loop, self._stop)
+        if self.telemetry is not None:
+            await self.telemetry.start()
         await loop.run_in_executor(None, self.probe.load)
         source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
+        failed: list[str] = []
         try:
             if self.cfg.records.include_node_labels and self.core_api is not None:
+                from agent.kube.apiserver import node_labels
+
                 self.discovery.node_labels = await asyncio.to_thread(
                     node_labels, self.core_api, self.discovery.host
                 )
@@ -496,22 +536,22 @@ class AgentPipeline:
                 namespaces.on_change = namespace_changed
                 namespaces.start()
                 await asyncio.to_thread(namespaces.wait_synced, self.cfg.kube.namespace_sync_wait_s)
+            await self._preflight()
             # Known containers go in the map (with their stream identities) before
             # the probes are attached; a kubelet that is down is not fatal.
             await self.discovery.poll()
             source.start()
             self.probe.attach()
+            self._attached = True
             log.info("capturing: %d containers known", len(self.discovery.known))
-            await run_until_stopped(
-                source,
-                self._stop,
-                self._consume(source),
-                {
-                    "agent-discovery": self.discovery.run(),
-                    "agent-housekeeping": self._housekeeping(source),
-                },
-            )
+            helpers = {
+                "agent-discovery": self.discovery.run(),
+                "agent-housekeeping": self._housekeeping(source),
+                **{f"sink-{sink.name}": sink.run() for sink in self.sinks},
+            }
+            failed = await run_until_stopped(source, self._stop, self._consume(source), helpers)
             await self._final_flush()
+            await self._close_sinks()
         finally:
             counters = self.probe.counters() if self.probe.loaded else {}
             source.close()
@@ -520,16 +560,59 @@ class AgentPipeline:
                 await asyncio.to_thread(self.namespaces.stop)
             if self.core_api is not None:
                 self.core_api.api_client.close()
-        log.info("stopped: %s", self.stats(counters))
-        return 1 if source.drain_error is not None else 0
+            if self.telemetry is not None:
+                await self.telemetry.stop()
+        flush_suppressed(final=True)
+        log_counters(log, "stopped", self.stats(counters))
+        if source.drain_error is not None or failed:
+            return 1
+        return 0
 
     async def _final_flush(self) -> None:
         self._ship(self.lines.flush_all())
         if self.enricher.holding:
             await self.discovery.poll()
-        out: list[bytes] = []
-        self.enricher.release(boottime_ns(), out, final=True)
-        self.sink.send(out)
+        self._release(final=True)
+
+    async def _close_sinks(self) -> None:
+        """Deliver what the sinks hold within agent.shutdown_grace_s (all sinks at once);
+        each then persists what is left to its disk buffer."""
+        grace = self.cfg.agent.shutdown_grace_s
+        results = await asyncio.gather(
+            *(sink.close(grace) for sink in self.sinks), return_exceptions=True
+        )
+        for sink, result in zip(self.sinks, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("sink %s failed to close: %s", sink.name, result)
+
+    def readiness(self) -> list[str]:
+        return readiness_reasons(
+            attached=self._attached,
+            kubelet_answered=self.discovery.stats.polls > self.discovery.stats.poll_errors,
+            sinks={sink.name: sink.stats for sink in self.sinks},
+            max_failing_s=self.cfg.telemetry.sink_failing_s,
+        )
+
+    def snapshot(self) -> Snapshot:
+        e, d = self.enricher.stats, self.discovery.stats
+        return Snapshot(
+            kernel=self.probe.counters() if self.probe.loaded else {},
+            lines=self.lines.lines,
+            partial_lines=self.lines.partial,
+            records=e.records,
+            held_lines=e.held_lines,
+            released_lines=e.released_lines,
+            dropped_from_hold={
+                "hold_full": e.dropped_hold_full,
+                "unresolved": e.dropped_unresolved,
+                "excluded": e.excluded_lines,
+            },
+            kubelet_polls=d.polls,
+            kubelet_errors=d.poll_errors,
+            containers_watched=d.watched,
+            containers_excluded=d.excluded,
+            sinks={sink.name: sink.stats for sink in self.sinks},
+        )
 
     def stats(self, counters: dict[str, int] | None = None) -> dict[str, object]:
         counters = counters if counters is not None else self.probe.counters()
@@ -552,6 +635,7 @@ class AgentPipeline:
             else None,
             "watch_delay_ms_max": round(d.watch_delay_max_ms, 2),
             **self._namespace_stats(),
+            **{f"sink_{sink.name}": sink_summary(sink.stats) for sink in self.sinks},
         }
 
     def _namespace_stats(self) -> dict[str, object]:
@@ -564,6 +648,21 @@ class AgentPipeline:
             "namespace_expired": n.expired,
             "namespace_errors": n.errors,
         }
+
+
+def sink_summary(stats: SinkStats) -> dict[str, object]:
+    return {
+        "records_in": stats.records_in,
+        "records_sent": stats.records_sent,
+        "bytes_sent": stats.bytes_sent,
+        "batches_sent": stats.batches_sent,
+        "retries": stats.retries,
+        "failures": dict(stats.failures),
+        "dead_records": stats.dead_records,
+        "dropped_records": stats.dropped_records,
+        "memory_bytes": stats.memory_bytes_now,
+        "disk_bytes": stats.disk_bytes_now,
+    }
 
 
 async def run_agent(cfg: Config) -> int:

@@ -119,7 +119,12 @@ class Outcome:
 
 
 class Codec(Protocol):
-    """What one kind of backend wants."""
+    """What one kind of backend wants, and where: the transport is built with its `url`
+    (the full request URL), `content_type` and `extra_headers` (a tenant, say)."""
+
+    url: str
+    content_type: str
+    extra_headers: dict[str, str]
 
     def encoder(self, meta: ContainerMeta) -> ItemEncoder: ...
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import signal
 import subprocess
@@ -32,7 +31,8 @@ def agent_config(node: SimNode, **sections: dict[str, Any]) -> dict[str, Any]:
             "poll_interval_s": 2.0,
             "timeout_s": 2.0,
             "retries": 1,
-        }
+        },
+        "telemetry": {"address": "127.0.0.1", "port": 0},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -111,10 +111,18 @@ class AgentRun:
         for t in self._threads:
             t.join(timeout)
         assert self.proc.returncode == 0, self.logs()
-        for line in reversed(self.log):
-            if "stopped: {" in line:
-                return dict(ast.literal_eval(line[line.index("{"):]))
-        raise AssertionError("no final stats in the agent's log:\n" + self.logs())
+        stopped = self.log_records("stopped")
+        if not stopped:
+            raise AssertionError("no final stats in the agent's log:\n" + self.logs())
+        return dict(stopped[-1]["counters"])
+
+    def log_records(self, msg: str) -> list[dict[str, Any]]:
+        """The agent's JSON log records with this message."""
+        out = []
+        for line in list(self.log):
+            if line.startswith("{") and f'"msg":"{msg}"' in line:
+                out.append(orjson.loads(line))
+        return out
 
 
 def joined(records: list[dict[str, Any]], stream: str) -> bytes:

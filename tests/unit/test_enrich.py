@@ -18,7 +18,8 @@ from agent.enrich import Enricher
 from agent.kube.discovery import Known
 from agent.kube.model import ContainerMeta
 from agent.lines import Line
-from agent.records import RecordFormat, format_rfc3339_ns
+from agent.records import ContainerEncoder, RecordFormat, format_rfc3339_ns
+from agent.sinks.base import Enriched
 
 STDOUT, STDERR = 1, 2
 OFFSET = 1_700_000_000 * 1_000_000_000  # boot time -> realtime
@@ -63,12 +64,13 @@ class Harness:
     table: dict[int, Known] = field(default_factory=dict)
     unknown_calls: int = 0
     lookups: list[int] = field(default_factory=list)
+    offset: int = OFFSET
 
     def __post_init__(self) -> None:
         self.enricher = Enricher(
             self.lookup,
-            self.fmt,
-            OFFSET,
+            1,
+            lambda: self.offset,
             self.hold_max_bytes,
             self.hold_timeout_ns,
             self.on_unknown,
@@ -82,14 +84,25 @@ class Harness:
         self.unknown_calls += 1
 
     def process(self, *lines: Line) -> list[dict[str, Any]]:
-        out: list[bytes] = []
+        out: list[Enriched] = []
         self.enricher.process(list(lines), out)
-        return [orjson.loads(r) for r in out]
+        return self.records(out)
 
     def release(self, now_ns: int = 0, final: bool = False) -> list[dict[str, Any]]:
-        out: list[bytes] = []
+        out: list[Enriched] = []
         self.enricher.release(now_ns, out, final)
-        return [orjson.loads(r) for r in out]
+        return self.records(out)
+
+    def records(self, enriched: list[Enriched]) -> list[dict[str, Any]]:
+        """The JSON records a sink would build (one encoder per Origin, as sinks cache it)."""
+        out = []
+        for origin, time_ns, stream, message, partial in enriched:
+            if origin.encoders[0] is None:
+                origin.encoders[0] = ContainerEncoder(origin.meta, self.fmt)  # type: ignore[assignment]
+            encoder = origin.encoders[0]
+            assert isinstance(encoder, ContainerEncoder)
+            out.append(orjson.loads(encoder.encode(time_ns, stream, message, partial)))
+        return out
 
 
 def messages(records: list[dict[str, Any]]) -> list[str]:
@@ -520,3 +533,29 @@ def test_held_bytes_accounting_under_a_bound(lines: list[tuple[int, bytes]], bou
         assert got == [m.decode("utf-8", "replace") for m in kept[cg]]
     assert stats.released_lines == kept_lines
     assert h.enricher.held_bytes == 0
+
+
+def test_clock_steps_show_in_the_next_batch() -> None:
+    """Unix time = boot time + the offset read per batch: an NTP step or a VM resume
+    after start moves the records' time (issue 8, item 4)."""
+    h = Harness()
+    h.table[CG_A] = known(CG_A)
+    [before] = h.process(line(CG_A, b"a", 7 * SECOND))
+    h.offset = OFFSET + 3600 * SECOND  # the wall clock jumped an hour ahead
+    [after] = h.process(line(CG_A, b"b", 8 * SECOND))
+    assert before["time"] == format_rfc3339_ns(7 * SECOND + OFFSET)
+    assert after["time"] == format_rfc3339_ns(8 * SECOND + OFFSET + 3600 * SECOND)
+
+
+def test_one_origin_per_container_until_forgotten() -> None:
+    h = Harness()
+    h.table[CG_A] = known(CG_A)
+    out: list[Enriched] = []
+    h.enricher.process([line(CG_A, b"a"), line(CG_A, b"b")], out)
+    assert out[0][0] is out[1][0]
+    assert out[0][0].cgroup_id == CG_A and out[0][0].meta == h.table[CG_A].meta
+    h.table[CG_A] = known(CG_A, labels={"app": "new"})
+    h.enricher.forget(CG_A)
+    h.enricher.process([line(CG_A, b"c")], out)
+    assert out[2][0] is not out[0][0]
+    assert out[2][0].meta.labels == {"app": "new"}

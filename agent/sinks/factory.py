@@ -1,0 +1,65 @@
+"""Sinks from the configuration: one per `sinks.<name>`, each its own codec and transport."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from agent.config import Config, RecordsConfig, SinkConfig
+from agent.records import RecordFormat
+from agent.sinks.base import Codec, Sink
+from agent.sinks.stdout import StdoutSink
+
+
+def record_format(records: RecordsConfig) -> RecordFormat:
+    """The records' shape; a sink may adjust it (Elasticsearch: `@timestamp`, de-dotting)."""
+    return RecordFormat(
+        schema=records.schema,  # type: ignore[arg-type]  # validated by RecordsConfig
+        dedot_labels=bool(records.dedot_labels),
+        include_annotations=records.include_annotations,
+        include_namespace_labels=records.include_namespace_labels,
+        include_node_labels=records.include_node_labels,
+        time_key=records.time_key,
+        timestamp_key_es=records.timestamp_key_es,
+    )
+
+
+def make_codec(cfg: SinkConfig, fmt: RecordFormat) -> Codec:
+    if cfg.kind == "elasticsearch":
+        from agent.sinks.elasticsearch import ElasticsearchCodec
+
+        return ElasticsearchCodec(cfg, fmt)
+    if cfg.kind == "loki":
+        from agent.sinks.loki import LokiCodec
+
+        return LokiCodec(cfg, fmt)
+    if cfg.kind == "otlp":
+        from agent.sinks.otlp import OtlpCodec
+
+        return OtlpCodec(cfg, fmt)
+    if cfg.kind == "http":
+        from agent.sinks.httpjson import HttpJsonCodec
+
+        return HttpJsonCodec(cfg, fmt)
+    raise ValueError(f"no codec for sink kind {cfg.kind!r}")
+
+
+def make_sink(name: str, index: int, cfg: SinkConfig, fmt: RecordFormat, out: BinaryIO) -> Sink:
+    if cfg.kind == "stdout":
+        return StdoutSink(name, index, out, fmt)
+    from agent.sinks.http import HttpTransport
+    from agent.sinks.runner import BatchingSink
+
+    codec = make_codec(cfg, fmt)
+    try:
+        transport = HttpTransport(cfg, codec.url, codec.content_type, codec.extra_headers)
+    except ValueError as e:
+        raise ValueError(f"sinks.{name}: {e}") from e
+    return BatchingSink(name, index, cfg, codec, transport)
+
+
+def build_sinks(cfg: Config, out: BinaryIO) -> list[Sink]:
+    fmt = record_format(cfg.records)
+    return [
+        make_sink(name, index, sink, fmt, out)
+        for index, (name, sink) in enumerate(cfg.sinks.items())
+    ]
