@@ -35,9 +35,11 @@ __all__ = [
     "cgroup_id",
     "container_id_from_path",
     "find_cgroup2_mount",
-    "first_pid",
+    "cgroup_pids",
+    "init_pid",
     "kernel_dev",
     "kubepods_nodes",
+    "own_cgroup",
     "resolve",
     "scan_containers",
     "stream_idents",
@@ -346,17 +348,97 @@ def container_id_from_path(path: str) -> str | None:
 # --- processes ---------------------------------------------------------------------------
 
 
-def first_pid(cgroup_dir: str) -> int | None:
-    """The lowest pid in the cgroup (the container's init, barring pid wrap-around);
-    None when the cgroup is empty or gone."""
+def cgroup_pids(cgroup_dir: str) -> list[int]:
+    """The processes (thread group ids) in the cgroup, as numbered in our pid namespace:
+    a process outside it reads as 0 and is left out. [] when the cgroup is gone."""
     try:
         with open(os.path.join(cgroup_dir, "cgroup.procs"), encoding="ascii") as f:
             pids = [int(line) for line in f.read().split()]
     except OSError as e:
         if e.errno in _GONE:
-            return None
+            return []
         raise
-    return min(pids) if pids else None
+    return [pid for pid in pids if pid > 0]
+
+
+def _parent_and_start(pid: int, proc_root: str) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks since boot) from /proc/<pid>/stat."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "stat"), "rb") as f:
+            text = f.read()
+    except OSError:
+        return None  # exited meanwhile
+    # The command name (field 2) may hold spaces and parentheses: fields follow the last ")".
+    fields = text[text.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[1]), int(fields[19])  # fields 4 (ppid) and 22 (starttime)
+    except (IndexError, ValueError):
+        return None
+
+
+def init_pid(cgroup_dir: str, proc_root: str = "/proc") -> int | None:
+    """The container's init: the process the runtime started, whose fds 1/2 are the
+    container's stdout/stderr. None when the cgroup is empty or gone.
+
+    Not the lowest pid: after pid wrap-around, or with a `kubectl exec` session, that
+    process's fds may be anything. The runtime's processes are children of the shim, which
+    is outside the cgroup; among them (an exec session is one too) the init started first.
+    A process whose parent is in the cgroup is the workload's own child, never the init.
+    When no parent can be read, the oldest process is taken.
+    """
+    pids = cgroup_pids(cgroup_dir)
+    members = set(pids)
+    started: list[tuple[bool, int, int]] = []  # (parent inside, start time, pid)
+    for pid in pids:
+        found = _parent_and_start(pid, proc_root)
+        if found is not None:
+            parent, start = found
+            started.append((parent in members, start, pid))
+    if not started:
+        return min(pids) if pids else None
+    return min(started)[2]
+
+
+# The name `podtap tap` and older callers use; init_pid is the rule.
+first_pid = init_pid
+
+
+def _self_cgroup_path(proc_self_cgroup: str) -> str | None:
+    """The ``0::/path`` of /proc/self/cgroup: relative to our cgroup namespace's root."""
+    try:
+        with open(proc_self_cgroup, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        return None
+    return None
+
+
+def own_cgroup(
+    mount: str,
+    roots: Sequence[str] = ("",),
+    pid: int | None = None,
+    proc_self_cgroup: str = "/proc/self/cgroup",
+) -> tuple[str, int] | None:
+    """(cgroup directory, cgroup id) of this process, whatever its namespaces; None if
+    it is in no cgroup found under ``mount``.
+
+    /proc/self/cgroup names it only when we share the host's cgroup namespace (a private
+    one reads ``0::/``). What works in every case is cgroup.procs, which lists pids as
+    numbered in the *reader's* pid namespace: the one container cgroup under the kubepods
+    trees that lists our own pid is ours, with or without hostPID.
+    """
+    pid = os.getpid() if pid is None else pid
+    path = _self_cgroup_path(proc_self_cgroup)
+    if path and path != "/" and "/.." not in path:
+        directory = os.path.join(mount, path.lstrip("/"))
+        if pid in cgroup_pids(directory):
+            return directory, cgroup_id(directory)
+    for directory, ident in scan_containers(mount, roots).values():
+        if pid in cgroup_pids(directory):
+            return directory, ident
+    return None
 
 
 def kernel_dev(st_dev: int) -> int:

@@ -27,7 +27,9 @@ from agent.kube.cgroups import (
     cgroup_id,
     find_cgroup2_mount,
     first_pid,
+    init_pid,
     kernel_dev,
+    own_cgroup,
     resolve,
     scan_containers,
     stream_idents,
@@ -331,7 +333,7 @@ def test_first_pid_and_stream_idents_of_a_real_process(
     second = spawn(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     move_into(leaf, second.pid)
     move_into(leaf, first.pid)
-    assert first_pid(leaf) == min(first.pid, second.pid)
+    assert first_pid(leaf) == first.pid  # both started from outside: the older one
 
     assert first.stdout is not None and first.stderr is not None
     stdout, stderr = stream_idents(first.pid)
@@ -367,11 +369,161 @@ def test_first_pid_of_a_vanished_cgroup(tmp_path: Path) -> None:
     assert first_pid(str(tmp_path / "gone")) is None
 
 
-def test_first_pid_picks_the_lowest(tmp_path: Path) -> None:
+def test_init_pid_without_readable_processes_is_the_lowest(tmp_path: Path) -> None:
     (tmp_path / "cgroup.procs").write_text("4242\n17\n999\n")
-    assert first_pid(str(tmp_path)) == 17
+    empty_proc = tmp_path / "proc"
+    empty_proc.mkdir()
+    assert init_pid(str(tmp_path), str(empty_proc)) == 17
     (tmp_path / "cgroup.procs").write_text("")
-    assert first_pid(str(tmp_path)) is None
+    assert init_pid(str(tmp_path), str(empty_proc)) is None
+
+
+# --- which process is the container's init ------------------------------------------------
+
+SHIM = 900  # the runtime's shim: outside the cgroup
+
+
+def fake_proc(root: Path, procs: dict[int, tuple[str, int, int]]) -> str:
+    """A /proc with a `stat` file per pid: pid -> (comm, parent pid, start time)."""
+    for pid, (comm, ppid, start) in procs.items():
+        (root / str(pid)).mkdir(parents=True)
+        fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 30
+        (root / str(pid) / "stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
+    return str(root)
+
+
+INIT_CASES = {
+    # exec session (also a child of the shim) started later but with a lower pid: wrap-around
+    "exec session with a lower pid": ({500: ("nginx", SHIM, 1000), 12: ("sh", SHIM, 5000)}, 500),
+    # the workload's own child with a lower pid than the init (its parent is inside)
+    "init's child with a lower pid": ({500: ("nginx", SHIM, 1000), 3: ("worker", 500, 1000)}, 500),
+    "command names with spaces and parentheses": (
+        {700: ("a) (b c", SHIM, 10), 20: ("x) 9 9 (y", SHIM, 20)},
+        700,
+    ),
+    "only children of a gone init: the oldest": (
+        {40: ("w", 1, 300), 30: ("w", 1, 400)},
+        40,
+    ),
+}
+
+
+@pytest.mark.parametrize("procs, expected", INIT_CASES.values(), ids=INIT_CASES.keys())
+def test_init_pid_is_the_oldest_process_started_from_outside(
+    tmp_path: Path, procs: dict[int, tuple[str, int, int]], expected: int
+) -> None:
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    (cgroup / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in sorted(procs)))
+    assert init_pid(str(cgroup), fake_proc(tmp_path / "proc", procs)) == expected
+
+
+def test_init_pid_ignores_processes_outside_our_pid_namespace_and_gone_ones(
+    tmp_path: Path,
+) -> None:
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    # cgroup.procs shows 0 for a process our pid namespace cannot see; 8 has exited.
+    (cgroup / "cgroup.procs").write_text("0\n8\n500\n0\n")
+    proc = fake_proc(tmp_path / "proc", {500: ("app", SHIM, 100)})
+    assert init_pid(str(cgroup), proc) == 500
+    (cgroup / "cgroup.procs").write_text("0\n0\n")
+    assert init_pid(str(cgroup), proc) is None
+
+
+def spawn_below(
+    spawn: Callable[..., subprocess.Popen[bytes]], below: int, argv: list[str], **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """Start a process whose pid is lower than `below`, as after a pid wrap-around: the
+    kernel's next pid is set through ns_last_pid (root), retried when another fork wins."""
+    for attempt in range(50):
+        last = max(300, below - 2000 - 37 * attempt)
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(last))
+        child = spawn(argv, **kwargs)
+        if child.pid < below:
+            return child
+        child.kill()
+    raise AssertionError(f"could not get a pid below {below}")
+
+
+def test_init_pid_of_a_container_with_an_exec_session(
+    make_cgroup: Callable[[str], str], spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """A `kubectl exec` session in the container: started later, with a lower pid (wrap),
+    its stdout another pipe. The container's streams are the init's, not the session's."""
+    leaf = make_cgroup(cgroupfs_layout("besteffort", "containerd"))
+    init = spawn(["sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    move_into(leaf, init.pid)
+    session = spawn_below(
+        spawn, init.pid, ["sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    move_into(leaf, session.pid)
+    assert session.pid < init.pid
+    assert init.stdout is not None and init.stderr is not None
+    assert init_pid(leaf) == init.pid
+    assert stream_idents(init_pid(leaf) or 0) == (
+        pipe_ident(init.stdout.fileno()),
+        pipe_ident(init.stderr.fileno()),
+    )
+
+
+# --- our own cgroup --------------------------------------------------------------------------
+
+
+def self_cgroup_file(tmp_path: Path, path: str) -> str:
+    f = tmp_path / "self-cgroup"
+    f.write_text(f"0::{path}\n")
+    return str(f)
+
+
+@pytest.mark.parametrize("layout", ["cgroupfs", "systemd"])
+def test_own_cgroup_in_a_private_cgroup_namespace(
+    mount: str,
+    test_root: str,
+    make_cgroup: Callable[[str], str],
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+    layout: str,
+) -> None:
+    """/proc/self/cgroup reads `0::/`: the container whose cgroup.procs lists us is ours."""
+    relative = (
+        cgroupfs_layout("burstable", "containerd")
+        if layout == "cgroupfs"
+        else systemd_layout("burstable", "containerd")
+    )
+    leaf = make_cgroup(relative)
+    make_cgroup(cgroupfs_layout("besteffort", "docker").replace(CID, "e" * 64))
+    agent = spawn(["sleep", "60"])
+    move_into(leaf, agent.pid)
+    found = own_cgroup(
+        mount, (test_root,), pid=agent.pid, proc_self_cgroup=self_cgroup_file(tmp_path, "/")
+    )
+    assert found == (leaf, cgroup_id(leaf))
+
+
+def test_own_cgroup_from_proc_self_cgroup_outside_the_pods(
+    mount: str,
+    test_root: str,
+    make_cgroup: Callable[[str], str],
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    elsewhere = make_cgroup("system.slice/podtap.service")
+    agent = spawn(["sleep", "60"])
+    move_into(elsewhere, agent.pid)
+    path = "/" + os.path.relpath(elsewhere, mount)
+    self_file = self_cgroup_file(tmp_path, path)
+    assert own_cgroup(mount, (test_root,), agent.pid, self_file) == (
+        elsewhere,
+        cgroup_id(elsewhere),
+    )
+    # A stale or foreign path (we are not in it) is not believed; nor is any pod's cgroup.
+    other = spawn(["sleep", "60"])
+    leaf = make_cgroup(cgroupfs_layout("burstable", "containerd"))
+    move_into(leaf, other.pid)
+    assert own_cgroup(mount, (test_root,), other.pid + 10**6, self_file) is None
+    assert own_cgroup(mount, (test_root,), other.pid, self_file) == (leaf, cgroup_id(leaf))
 
 
 def test_stream_idents_under_another_proc_root(tmp_path: Path) -> None:
