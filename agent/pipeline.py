@@ -496,9 +496,9 @@ class AgentPipeline:
             self._ship(self.lines.flush_idle())
             self.discovery.refresh_idents()
             self._release()
+            flush_suppressed()
             if time.monotonic() >= next_stats:
                 next_stats += self.STATS_EVERY_S
-                flush_suppressed()
                 log_counters(log, "stats", self.stats())
 
     async def _preflight(self) -> None:
@@ -515,12 +515,12 @@ class AgentPipeline:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         install_stop_signals(loop, self._stop)
-        if self.telemetry is not None:
-            await self.telemetry.start()
-        await loop.run_in_executor(None, self.probe.load)
         source = CaptureSource(self.probe, self.cfg.capture.queue_bytes)
         failed: list[str] = []
         try:
+            if self.telemetry is not None:
+                await self.telemetry.start()
+            await loop.run_in_executor(None, self.probe.load)
             if self.cfg.records.include_node_labels and self.core_api is not None:
                 from agent.kube.apiserver import node_labels
 
