@@ -17,6 +17,7 @@ import asyncio
 import base64
 import logging
 import os
+import socket
 import ssl
 import zlib
 from collections.abc import Callable
@@ -230,6 +231,7 @@ class HttpTransport:
         self._auth = _Auth(cfg.auth)
         self._ssl: ssl.SSLContext | None = None
         self._server_name: str | None = None
+        self._client_cert = bool(cfg.tls.cert_file)
         if parts.scheme == "https":
             self._ssl = _ssl_context(cfg.tls)
             self._server_name = cfg.tls.server_name or None
@@ -263,14 +265,14 @@ class HttpTransport:
         if auth is not None:
             headers["Authorization"] = auth
         async with self._slots:
-            return await self._request("POST", self._url, data, headers)
+            return await self._request("POST", self._url, self._display_url, data, headers)
 
     async def preflight(self) -> str | None:
         """One GET of the URL's origin: None when the server answered (any status), else
         what is wrong (unreachable, certificate not trusted, TLS refused)."""
         headers = {"User-Agent": self._headers["User-Agent"]}
         try:
-            await self._request("GET", self._origin, None, headers)
+            await self._request("GET", self._origin, self._origin, None, headers)
         except TransportError as e:
             return str(e)
         return None
@@ -310,7 +312,7 @@ class HttpTransport:
         return self._session
 
     async def _request(
-        self, method: str, url: str, data: bytes | None, headers: dict[str, str]
+        self, method: str, url: str, shown: str, data: bytes | None, headers: dict[str, str]
     ) -> Response:
         session = self._get_session()
         try:
@@ -327,15 +329,13 @@ class HttpTransport:
                 return Response(resp.status, names, payload)
         except TimeoutError:
             raise TransportError(
-                f"{method} {self._display_url}: no answer within {self._timeout_s:g}s "
-                "(timeout_s)"
+                f"{method} {shown}: no answer within {self._timeout_s:g}s (timeout_s)"
             ) from None
         except (aiohttp.ClientError, ssl.SSLError, OSError) as e:
-            raise TransportError(self._auth.scrub(self._why(method, e))) from None
+            raise TransportError(self._auth.scrub(self._why(f"{method} {shown}", e))) from None
 
-    def _why(self, method: str, e: BaseException) -> str:
+    def _why(self, where: str, e: BaseException) -> str:
         """A clear one-line reason for a request that got no answer."""
-        where = f"{method} {self._display_url}"
         name = self._server_name or self._host
         if isinstance(e, aiohttp.ClientConnectorCertificateError):
             cert_error = e.certificate_error
@@ -348,7 +348,11 @@ class HttpTransport:
         if isinstance(e, aiohttp.ClientConnectorError):
             return f"{where}: cannot connect: {_os_reason(e.os_error)}"
         if isinstance(e, aiohttp.ServerDisconnectedError):
-            return f"{where}: the server closed the connection without an answer"
+            hint = ""
+            if self._ssl is not None and not self._client_cert:
+                hint = (" (if it requires a client certificate, set tls.cert_file and "
+                        "tls.key_file)")
+            return f"{where}: the server closed the connection without an answer{hint}"
         if isinstance(e, ssl.SSLError):
             return f"{where}: TLS error with {name}: {e.reason or e}"
         if isinstance(e, aiohttp.ClientOSError):
@@ -359,4 +363,8 @@ class HttpTransport:
 def _os_reason(e: OSError) -> str:
     if isinstance(e, ssl.SSLError):
         return str(e.reason or e)
+    # asyncio words ECONNREFUSED as "Connect call failed (addr)"; getaddrinfo's codes are
+    # negative and have their own texts.
+    if e.errno and e.errno > 0 and not isinstance(e, socket.gaierror):
+        return os.strerror(e.errno)
     return e.strerror or str(e) or type(e).__name__
