@@ -1,13 +1,16 @@
 """Kubelet pods -> containers -> cgroup ids -> the kernel's containers map.
 
-`Discovery` polls the kubelet (periodically, and at once — rate-limited — when
-a new cgroup appears or an unknown container writes), resolves each container
-to its cgroup v2 directory and id, decides what to capture, reads the
-identities of its stdout/stderr from its first process, and keeps the kernel
-map in sync through a `MapWriter`.  The metadata of a container that is gone
-is kept for a grace period, so its late and final partial lines are still
-enriched.  A cgroup's path is remembered from its creation (EV_CGROUP), so a
-container that ran and exited between two polls is still identified.
+`Discovery` polls the kubelet (periodically, and soon — rate-limited, backing off
+per cgroup — when a new cgroup appears or an unknown container writes), resolves
+each container to its cgroup v2 directory and id, decides what to capture, takes
+the identities of its stdout/stderr (those the kernel learned at the container's
+first exec, else those of its init process), and keeps the kernel map in sync
+through a `MapWriter`.  podtap's own container and every pod of a podtap agent
+(a label selector) are put in the map as excluded: never copied by the kernel.
+The metadata of a container that is gone is kept for a grace period, so its late
+and final partial lines are still enriched.  A cgroup's path is remembered from
+its creation (EV_CGROUP), so a container that ran and exited between two polls is
+still identified.
 """
 
 from __future__ import annotations
@@ -18,24 +21,34 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from agent.config import KubeConfig
 from agent.kube.cgroups import (
     container_id_from_path,
-    first_pid,
+    init_pid,
+    own_cgroup,
     resolve,
     scan_containers,
     stream_idents,
 )
-from agent.kube.filters import FilterConfig, decide
+from agent.kube.filters import FilterConfig, Selector, decide, parse_selector
 from agent.kube.kubelet import KubeletAuthError, KubeletClient, KubeletError
 from agent.kube.model import ContainerMeta, FileIdent
 from agent.kube.pods import running_containers
 
 log = logging.getLogger("podtap.kube")
+
+# Pods of podtap agents (this one, and another one during a rolling update): never captured.
+DEFAULT_AGENT_POD_SELECTOR = "app.kubernetes.io/name=podtap"
+Idents = tuple[FileIdent, FileIdent]
+OwnCgroupFinder = Callable[[str, Sequence[str]], tuple[str, int] | None]  # (mount, roots)
+
+
+def _nothing_learned(_cgroup_id: int) -> Idents | None:
+    return None
 
 
 class MapWriter(Protocol):
@@ -91,8 +104,61 @@ class DiscoveryStats:
         self.watch_delay_max_ms = max(self.watch_delay_max_ms, ms)
 
 
+@dataclass(slots=True)
+class _Repoll:
+    due: float | None  # monotonic time of this cgroup's next poll; None: the periodic poll's job
+    delay: float  # after the next poll
+    last_request: float
+
+
+class RepollSchedule:
+    """Re-polls for cgroups the kubelet does not list (yet), per cgroup id: at once, then
+    after `first_s`, doubling, until the delay passes `max_s` (the periodic poll interval,
+    which then covers it). A cgroup asked about again while it backs off changes nothing,
+    so a writer the kubelet never lists costs a handful of polls, not five a second."""
+
+    def __init__(self, first_s: float, max_s: float, forget_after_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.forget_after_s = forget_after_s
+        self._entries: dict[int, _Repoll] = {}
+
+    def request(self, cgroup_id: int, now: float) -> bool:
+        """Note a cgroup that needs the kubelet; True if a poll is due for it now."""
+        entry = self._entries.get(cgroup_id)
+        if entry is not None:
+            entry.last_request = now
+            return False
+        self._entries[cgroup_id] = _Repoll(now, self.first_s, now)
+        return True
+
+    def polled(self, at: float, resolved: Container[int]) -> None:
+        """A poll started at `at`: forget resolved cgroups, schedule the others' next."""
+        for cgroup_id, entry in list(self._entries.items()):
+            if cgroup_id in resolved:
+                del self._entries[cgroup_id]
+            elif entry.due is not None and entry.due <= at:
+                entry.due = at + entry.delay if entry.delay <= self.max_s else None
+                entry.delay *= 2
+            elif entry.due is None and at - entry.last_request > self.forget_after_s:
+                del self._entries[cgroup_id]
+
+    def next_due(self) -> float | None:
+        return min((e.due for e in self._entries.values() if e.due is not None), default=None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Discovery:
-    """Owns the containers map; the pipeline reads metadata through `lookup()`."""
+    """Owns the containers map; the pipeline reads metadata through `lookup()`.
+
+    `learned_idents(cgroup_id)` gives the stream identities the kernel learned at the
+    first exec in a cgroup (authoritative: the runtime's exec of the entrypoint); without
+    them those of the container's init process are read from /proc. `find_own_cgroup`
+    finds the agent's own container cgroup (`cgroups.own_cgroup`; None: don't) at the first
+    poll.
+    """
 
     def __init__(
         self,
@@ -103,6 +169,9 @@ class Discovery:
         mount: str,
         host: str,
         pods_prefix: str,
+        *,
+        learned_idents: Callable[[int], Idents | None] = _nothing_learned,
+        find_own_cgroup: OwnCgroupFinder | None = own_cgroup,
     ) -> None:
         self.cfg = cfg
         self.filters = filters
@@ -122,7 +191,18 @@ class Discovery:
         self.on_changed: Callable[[int], None] = lambda _cgroup_id: None
         self.namespace_labels: Callable[[str], dict[str, str]] = lambda _namespace: {}
         self.node_labels: dict[str, str] = {}
-        self.wants_repoll: Callable[[], bool] = lambda: False
+        self.learned_idents = learned_idents
+        self.repolls = RepollSchedule(
+            cfg.repoll_min_interval_ms / 1000,
+            cfg.poll_interval_s,
+            2 * cfg.hold_timeout_s + cfg.deleted_grace_s,
+        )
+        self.agent_pods: Selector = parse_selector(
+            getattr(cfg, "agent_pod_selector", DEFAULT_AGENT_POD_SELECTOR)
+        )
+        self._find_own = find_own_cgroup
+        self.own: tuple[str, int] | None = None  # our own container's cgroup (dir, id)
+        self._own_in_map = False
 
     # -- what the pipeline asks ---------------------------------------------
 
@@ -136,47 +216,79 @@ class Discovery:
         container_id = container_id_from_path(path)
         if container_id is not None:
             self.created[cgroup_id] = (container_id, ts_ns)
-            self.request_poll()
+            self.request_poll(cgroup_id)
 
-    def request_poll(self) -> None:
-        self._wake.set()
+    def request_poll(self, cgroup_id: int | None = None) -> None:
+        """Poll soon: for `cgroup_id` (a new or unknown writer's cgroup) on its backoff
+        schedule, without one at once (still rate-limited)."""
+        if cgroup_id is None or self.repolls.request(cgroup_id, time.monotonic()):
+            self._wake.set()
 
     # -- polling -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Poll every poll_interval_s, and soon after request_poll() (rate-limited)."""
+        """Poll every poll_interval_s, soon after request_poll(), and when a cgroup's
+        re-poll is due; never faster than repoll_min_interval_ms."""
         min_gap = self.cfg.repoll_min_interval_ms / 1000
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), self._until_next_poll())
             gap = time.monotonic() - self._last_poll
             if gap < min_gap:
                 await asyncio.sleep(min_gap - gap)
             self._wake.clear()
             await self.poll()
-            if self.wants_repoll():
-                self._wake.set()
+
+    def _until_next_poll(self) -> float:
+        due = self.repolls.next_due()
+        if due is None:
+            return self.cfg.poll_interval_s
+        return min(max(0.0, due - time.monotonic()), self.cfg.poll_interval_s)
 
     async def poll(self) -> bool:
         """One kubelet round trip and map sync; False (logged, counted) on failure."""
         async with self._poll_lock:
-            self._last_poll = time.monotonic()
+            started = self._last_poll = time.monotonic()
             self.stats.polls += 1
             try:
-                pods = await self.client.get_pods()
-            except KubeletAuthError as e:
-                self._poll_failed(str(e), logging.ERROR)
-                return False
-            except KubeletError as e:
-                self._poll_failed(str(e), logging.WARNING)
-                return False
-            if self.stats.last_error:
-                log.info("the kubelet answers again")
-                self.stats.last_error = ""
-            metas, malformed = running_containers(pods, self.host)
-            self.stats.malformed += malformed
-            self.sync(metas)
-            return True
+                return await self._poll_once()
+            finally:
+                self.repolls.polled(started, self.known)
+
+    async def _poll_once(self) -> bool:
+        if self._find_own is not None:
+            self._exclude_own_cgroup(self._find_own)
+            self._find_own = None
+        try:
+            pods = await self.client.get_pods()
+        except KubeletAuthError as e:
+            self._poll_failed(str(e), logging.ERROR)
+            return False
+        except KubeletError as e:
+            self._poll_failed(str(e), logging.WARNING)
+            return False
+        if self.stats.last_error:
+            log.info("the kubelet answers again")
+            self.stats.last_error = ""
+        metas, malformed = running_containers(pods, self.host)
+        self.stats.malformed += malformed
+        self.sync(metas)
+        return True
+
+    def _exclude_own_cgroup(self, find: OwnCgroupFinder) -> None:
+        """Find our own container and put it in the map as excluded at once, before the
+        kubelet is asked (it may be down): our writes are never copied, whatever the pid
+        namespace. Only needed under the pods' subtree: the kernel ignores the rest."""
+        self.own = find(self.mount, self.cfg.cgroup_roots)
+        if self.own is None:
+            log.info("own cgroup not found under the pods' cgroups: not running in a pod")
+            return
+        path, cg = self.own
+        log.info("own cgroup %s (id %d): excluded", path, cg)
+        pods_dir = os.path.join(self.mount, self.pods_prefix.lstrip("/"))
+        if path.startswith(pods_dir.rstrip("/") + "/"):
+            self.writer.watch(cg, None, None, False, False)
+            self._own_in_map = True
 
     def _poll_failed(self, message: str, level: int) -> None:
         self.stats.poll_errors += 1
@@ -191,6 +303,7 @@ class Discovery:
         now = time.monotonic()
         index = scan_containers(self.mount, self.cfg.cgroup_roots)
         by_created_id = {cid: cg for cg, (cid, _ts) in self.created.items()}
+        own_pods = self._own_pod_uids(metas)
         seen: set[int] = set()
         for meta in metas:
             labels = self.namespace_labels(meta.namespace)
@@ -206,9 +319,9 @@ class Discovery:
                 found = ("", cg)
             path, cg = found
             seen.add(cg)
-            self._update(cg, path, meta)
+            self._update(cg, path, meta, agent=meta.pod_uid in own_pods)
         for cg, known in list(self.known.items()):
-            if cg not in seen:
+            if cg not in seen and not (self._own_in_map and self.own and cg == self.own[1]):
                 if known.gone_since is None:
                     known.gone_since = now
                 if known.in_map and not os.path.isdir(known.path):
@@ -229,8 +342,22 @@ class Discovery:
             if cg not in self.known and now_ns - ts > horizon_ns:
                 del self.created[cg]
 
-    def _update(self, cg: int, path: str, meta: ContainerMeta) -> None:
-        capture_stdout, capture_stderr = decide(meta, self.filters)
+    def _own_pod_uids(self, metas: list[ContainerMeta]) -> set[str]:
+        """Pods never captured: ours (all its containers) and those of other agents."""
+        own_id = container_id_from_path(self.own[0]) if self.own is not None else None
+        agents = self.agent_pods
+        return {
+            m.pod_uid
+            for m in metas
+            if m.container_id == own_id or (agents and agents.matches(m.labels))
+        }
+
+    def _update(self, cg: int, path: str, meta: ContainerMeta, agent: bool = False) -> None:
+        own = self.own is not None and cg == self.own[1]
+        if agent or own:
+            capture_stdout, capture_stderr = False, False
+        else:
+            capture_stdout, capture_stderr = decide(meta, self.filters)
         known = self.known.get(cg)
         before = None
         if known is None:
@@ -247,7 +374,7 @@ class Discovery:
             if changed:
                 self.on_changed(cg)  # labels, annotations or filters changed: re-encode
         if not known.excluded and (known.stdout is None or known.stderr is None):
-            known.stdout, known.stderr = self._idents(known.path)
+            known.stdout, known.stderr = self._idents(cg, known.path)
         if not known.path or not os.path.isdir(known.path):
             if known.in_map:
                 self.writer.unwatch(cg)  # the cgroup is gone: its id never comes back
@@ -257,6 +384,9 @@ class Discovery:
             self._no_idents.add(cg)
         else:
             self._no_idents.discard(cg)
+        if own and self._own_in_map and not known.in_map:
+            known.in_map = True  # already in the map, excluded, since the first poll
+            before = known.map_entry()
         if before != known.map_entry():
             self.writer.watch(cg, *known.map_entry())
             if not known.in_map:
@@ -281,7 +411,7 @@ class Discovery:
             if known is None or not known.in_map:
                 self._no_idents.discard(cg)
                 continue
-            out, err = self._idents(known.path)
+            out, err = self._idents(cg, known.path)
             if out is not None:
                 known.stdout, known.stderr = out, err
                 self.writer.watch(cg, *known.map_entry())
@@ -301,11 +431,15 @@ class Discovery:
             what, m.namespace, m.pod_name, m.container_name, cg, idents, delay,
         )
 
-    def _idents(self, path: str) -> tuple[FileIdent | None, FileIdent | None]:
-        """stdout/stderr identities from the container's first process (both or neither)."""
+    def _idents(self, cg: int, path: str) -> tuple[FileIdent | None, FileIdent | None]:
+        """stdout/stderr identities (both or neither): those the kernel learned at the
+        container's first exec, else those of its init process."""
+        learned = self.learned_idents(cg)
+        if learned is not None:
+            return learned
         if not path:
             return None, None
-        pid = first_pid(path)
+        pid = init_pid(path, self.cfg.proc_root)
         if pid is None:
             return None, None
         out, err = stream_idents(pid, self.cfg.proc_root)

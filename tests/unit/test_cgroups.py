@@ -431,6 +431,18 @@ def test_init_pid_ignores_processes_outside_our_pid_namespace_and_gone_ones(
     assert init_pid(str(cgroup), proc) is None
 
 
+def wait_for_a_later_start_tick(pid: int) -> None:
+    """Until a process started now has a later start time (clock ticks since boot) than
+    `pid`: an exec session comes after the container's init."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        start = int(f.read().rsplit(b")", 1)[1].split()[19])
+    deadline = time.monotonic() + 10
+    while time.clock_gettime(time.CLOCK_BOOTTIME) * ticks < start + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
 def spawn_below(
     spawn: Callable[..., subprocess.Popen[bytes]], below: int, argv: list[str], **kwargs: Any
 ) -> subprocess.Popen[bytes]:
@@ -455,6 +467,7 @@ def test_init_pid_of_a_container_with_an_exec_session(
     leaf = make_cgroup(cgroupfs_layout("besteffort", "containerd"))
     init = spawn(["sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     move_into(leaf, init.pid)
+    wait_for_a_later_start_tick(init.pid)
     session = spawn_below(
         spawn, init.pid, ["sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from agent.config import KubeConfig
-from agent.kube.discovery import Discovery, Known
+from agent.kube.cgroups import own_cgroup
+from agent.kube.discovery import Discovery, Known, RepollSchedule
 from agent.kube.filters import FilterConfig
 from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
@@ -186,7 +187,9 @@ class Node:
     filters: FilterConfig = field(default_factory=FilterConfig)
     kube: dict[str, Any] = field(default_factory=dict)
     client_opts: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # Discovery's keyword arguments
     forgotten: list[int] = field(default_factory=list)
+    kube_class: type[KubeConfig] = KubeConfig
 
     def __post_init__(self) -> None:
         settings: dict[str, Any] = {
@@ -196,7 +199,7 @@ class Node:
             "repoll_min_interval_ms": 200,
         }
         settings.update(self.kube)
-        self.cfg = KubeConfig(**settings)
+        self.cfg = self.kube_class(**settings)
         client_settings: dict[str, Any] = {
             "url": self.kubelet.url,
             "token_path": self.token_path,
@@ -217,6 +220,7 @@ class Node:
             self.tree.mount,
             HOST,
             "/" + self.tree.name,
+            **self.options,
         )
         self.discovery.on_forget = self.forgotten.append
 
@@ -356,6 +360,84 @@ def test_process_that_joins_later_is_picked_up_at_the_next_poll(node: Node) -> N
         assert node.writer.entries[cg] == (proc.stdout, proc.stderr, True, True)
         assert node.writer.count("watch", cg) == 2
         assert node.writer.count("unwatch", cg) == 0
+
+    node.run(scenario)
+
+
+def wait_for_a_later_start_tick(pid: int) -> None:
+    """Until a process started now has a later start time (clock ticks since boot) than
+    `pid`: an exec session comes after the container's init."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        start = int(f.read().rsplit(b")", 1)[1].split()[19])
+    deadline = time.monotonic() + 10
+    while time.clock_gettime(time.CLOCK_BOOTTIME) * ticks < start + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def spawn_with_pid_below(tree: CgroupTree, cgroup_dir: str, below: int) -> Proc:
+    """A process in the cgroup with a lower pid than `below` (as after a pid wrap-around),
+    on pipes of its own: ns_last_pid (root) sets the next pid; retried if another fork wins."""
+    for attempt in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(max(300, below - 2000 - 37 * attempt)))
+        proc = tree.spawn(cgroup_dir)
+        if proc.popen.pid < below:
+            return proc
+        tree.kill(proc)
+    raise AssertionError(f"no pid below {below}")
+
+
+@pytest.mark.parametrize("session_pid", ["lower", "higher"])
+def test_exec_session_does_not_take_the_containers_streams(node: Node, session_pid: str) -> None:
+    """A `kubectl exec` session in the container (started later, its stdout another pipe,
+    with a lower pid after a wrap-around or a higher one): the map keeps the init's pipes."""
+    uid, cid = new_ids()
+    path, cg = node.tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    init = node.tree.spawn(path)
+    wait_for_a_later_start_tick(init.popen.pid)
+    if session_pid == "lower":
+        session = spawn_with_pid_below(node.tree, path, init.popen.pid)
+        assert session.popen.pid < init.popen.pid
+    else:
+        session = node.tree.spawn(path)
+    assert session.stdout != init.stdout
+    add_pod(node.kubelet, uid, cid)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries[cg] == (init.stdout, init.stderr, True, True)
+
+    node.run(scenario)
+
+
+def test_kernel_learned_identities_are_authoritative(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    """The identities the kernel took at the container's first exec win over /proc."""
+    learned: dict[int, tuple[FileIdent, FileIdent]] = {}
+    node = Node(kubelet, tree, token_path, options={"learned_idents": learned.get})
+    uid, cid = new_ids()
+    path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    uid2, cid2 = new_ids()
+    path2, cg2 = tree.make(container_dir("systemd", "besteffort", "containerd", uid2, cid2))
+    proc = tree.spawn(path)  # its pipes are not the container's: the kernel knows better
+    runtime_out, runtime_err = FileIdent(0x15, 4242), FileIdent(0x15, 4243)
+    learned[cg] = (runtime_out, runtime_err)
+    add_pod(kubelet, uid, cid)
+    add_pod(kubelet, uid2, cid2, name="web-1")
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries[cg] == (runtime_out, runtime_err, True, True)
+        assert proc.stdout != runtime_out
+        # No process and nothing learned yet: by fd number; learned later: written then.
+        assert node.writer.entries[cg2] == (None, None, True, True)
+        learned[cg2] = (FileIdent(0x15, 1), FileIdent(0x15, 2))
+        node.discovery.refresh_idents()
+        assert node.writer.entries[cg2] == (FileIdent(0x15, 1), FileIdent(0x15, 2), True, True)
+        assert path2
 
     node.run(scenario)
 
@@ -521,6 +603,170 @@ def test_changed_capture_flags_update_the_map(
         known = node.discovery.lookup(cg)
         assert known is not None
         assert node.writer.entries[cg][2:] == (known.capture_stdout, known.capture_stderr)
+
+    node.run(scenario)
+
+
+# --- podtap's own pods ---------------------------------------------------------------------
+
+
+AGENT_LABELS = {"app.kubernetes.io/name": "podtap", "app.kubernetes.io/instance": "podtap"}
+
+
+def add_pod_with(kubelet: FakeKubelet, uid: str, name: str, containers: dict[str, str],
+                 labels: dict[str, str] | None = None) -> None:
+    kubelet.add_pod(
+        "podtap",
+        name,
+        uid=uid,
+        containers=[(n, "podtap:1", f"containerd://{cid}") for n, cid in containers.items()],
+        qos="BestEffort",
+        labels=labels,
+    )
+
+
+def finder_for(pid: int, tmp_path: Path) -> Callable[[str, Any], tuple[str, int] | None]:
+    """own_cgroup as the agent runs it in a private cgroup namespace, for another pid."""
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/\n")
+    return lambda mount, roots: own_cgroup(mount, roots, pid, str(self_cgroup))
+
+
+def test_own_container_is_excluded_before_the_kubelet_answers(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str, tmp_path: Path
+) -> None:
+    """Found by its cgroup (our pid in its cgroup.procs), put in the map as excluded at the
+    first poll even with the kubelet down; then the whole pod (a sidecar too) is excluded."""
+    uid, own_cid = new_ids()
+    sidecar_cid = secrets.token_hex(32)
+    own_path, own_cg = tree.make(
+        container_dir("cgroupfs", "besteffort", "containerd", uid, own_cid)
+    )
+    side_path, side_cg = tree.make(
+        container_dir("cgroupfs", "besteffort", "containerd", uid, sidecar_cid)
+    )
+    agent = tree.spawn(own_path)
+    tree.spawn(side_path)
+    other_uid, other_cid = new_ids()
+    other_path, other_cg = tree.make(
+        container_dir("systemd", "besteffort", "containerd", other_uid, other_cid)
+    )
+    other = tree.spawn(other_path)
+    node = Node(
+        kubelet,
+        tree,
+        token_path,
+        options={"find_own_cgroup": finder_for(agent.popen.pid, tmp_path)},
+        client_opts={"timeout_s": 0.5},
+    )
+
+    async def scenario() -> None:
+        kubelet.set_mode("down")
+        assert not await node.poll()
+        assert node.writer.entries == {own_cg: (None, None, False, False)}
+        assert node.discovery.own == (own_path, own_cg)
+        kubelet.set_mode("ok")
+        add_pod_with(kubelet, uid, "podtap-x1", {"agent": own_cid, "sidecar": sidecar_cid})
+        add_pod(kubelet, other_uid, other_cid)
+        assert await node.poll()
+        assert node.writer.entries == {
+            own_cg: (None, None, False, False),
+            side_cg: (None, None, False, False),
+            other_cg: (other.stdout, other.stderr, True, True),
+        }
+        assert node.writer.count("watch", own_cg) == 1  # never watched, never unwatched
+        own = node.discovery.lookup(own_cg)
+        assert own is not None and own.excluded and own.meta.pod_name == "podtap-x1"
+        # Unlisted (our own pod terminating): still excluded, never forgotten.
+        kubelet.remove_pod("podtap", "podtap-x1")
+        assert await node.poll()
+        await asyncio.sleep(GRACE_S + 0.05)
+        assert await node.poll()
+        assert node.writer.entries[own_cg] == (None, None, False, False)
+        assert side_cg not in node.writer.entries
+
+    node.run(scenario)
+
+
+def test_own_cgroup_outside_the_pods_is_not_put_in_the_map(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str, tmp_path: Path
+) -> None:
+    other_root = tree.other_root()
+    path, cg = tree.make("system.slice/podtap.service", root=other_root)
+    agent = tree.spawn(path)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/" + os.path.relpath(path, tree.mount) + "\n")
+    node = Node(
+        kubelet,
+        tree,
+        token_path,
+        options={
+            "find_own_cgroup": lambda m, r: own_cgroup(m, r, agent.popen.pid, str(self_cgroup))
+        },
+    )
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.discovery.own == (path, cg)
+        assert node.writer.entries == {}  # the kernel ignores it anyway
+
+    node.run(scenario)
+
+
+@dataclass(frozen=True)
+class KubeConfigWithSelector(KubeConfig):
+    """KubeConfig with the agent selector key, as the lead adds it to agent/config.py."""
+
+    agent_pod_selector: str = "app.kubernetes.io/name=podtap"
+
+
+@pytest.mark.parametrize(
+    ("kube_class", "selector", "labels", "excluded"),
+    [
+        pytest.param(KubeConfig, None, AGENT_LABELS, True, id="default-selector"),
+        pytest.param(KubeConfig, None, {"app.kubernetes.io/name": "fluent-bit"}, False,
+                     id="default-selector-other-app"),
+        pytest.param(KubeConfigWithSelector, "app=logs,tier in (agent)",
+                     {"app": "logs", "tier": "agent"}, True, id="custom-selector"),
+        pytest.param(KubeConfigWithSelector, "app=logs,tier in (agent)", AGENT_LABELS, False,
+                     id="custom-selector-replaces-default"),
+        pytest.param(KubeConfigWithSelector, "", AGENT_LABELS, False, id="selector-off"),
+    ],
+)
+def test_pods_of_other_agents_are_excluded_by_label(
+    kubelet: FakeKubelet,
+    tree: CgroupTree,
+    token_path: str,
+    kube_class: type[KubeConfig],
+    selector: str | None,
+    labels: dict[str, str],
+    excluded: bool,
+) -> None:
+    """Another podtap (a rolling update's new pod): every container of it, in any pid
+    namespace, is in the map with capture off."""
+    kube = {} if selector is None else {"agent_pod_selector": selector}
+    node = Node(kubelet, tree, token_path, kube=kube, kube_class=kube_class,
+                options={"find_own_cgroup": None})
+    uid, cid = new_ids()
+    cid2 = secrets.token_hex(32)
+    path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+    path2, cg2 = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid2))
+    first, second = tree.spawn(path), tree.spawn(path2)
+    add_pod_with(kubelet, uid, "podtap-new", {"agent": cid, "reloader": cid2}, labels)
+
+    async def scenario() -> None:
+        assert await node.poll()
+        if excluded:
+            assert node.writer.entries == {
+                cg: (None, None, False, False),
+                cg2: (None, None, False, False),
+            }
+            assert node.discovery.stats.excluded == 2
+        else:
+            assert node.writer.entries == {
+                cg: (first.stdout, first.stderr, True, True),
+                cg2: (second.stdout, second.stderr, True, True),
+            }
 
     node.run(scenario)
 
@@ -1063,25 +1309,89 @@ def test_run_polls_every_interval_on_its_own(
     node.run(scenario)
 
 
-def test_run_repolls_while_asked_to_rate_limited(node: Node) -> None:
-    """wants_repoll() (the enricher holding lines) keeps polling, at the minimum interval."""
-    gap = node.cfg.repoll_min_interval_ms / 1000
-    wanted = [True]
-    node.discovery.wants_repoll = lambda: wanted[0]
+def test_repoll_schedule_backs_off_per_cgroup() -> None:
+    sched = RepollSchedule(first_s=0.2, max_s=2.0, forget_after_s=60.0)
+    assert sched.request(1, now=100.0)  # new: poll now
+    assert not sched.request(1, now=100.01)  # already scheduled
+    assert sched.next_due() == 100.0
+    polls = [100.0]
+    while (due := sched.next_due()) is not None:
+        sched.polled(due, resolved=set())
+        polls.append(due)
+        assert not sched.request(1, now=due)  # still writing: changes nothing
+    gaps = [round(b - a, 3) for a, b in zip(polls, polls[1:], strict=False)]
+    assert gaps == [0.0, 0.2, 0.4, 0.8, 1.6]  # then the periodic poll covers it
+    # A second cgroup has its own schedule, from its first request.
+    assert sched.request(2, now=110.0)
+    sched.polled(110.0, resolved=set())
+    assert sched.next_due() == pytest.approx(110.2)
+    # Resolved: forgotten; asked about again later: a new schedule.
+    sched.polled(110.2, resolved={2})
+    assert sched.next_due() is None and len(sched) == 1
+    assert sched.request(2, now=111.0)
+    # A cgroup left to the periodic poll is forgotten once nobody asked for a while.
+    sched.polled(111.0 + 61.0, resolved=set())
+    assert len(sched) == 1  # 2 is backing off again; 1 is gone
+    assert not sched.request(2, now=173.0)
+
+
+def test_unlisted_writer_does_not_storm_the_kubelet(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    """A writer under the pods' cgroup that the kubelet never lists, its lines held: the
+    enricher asks again and again, the polls back off to the periodic interval."""
+    interval = 1.0
+    node = Node(
+        kubelet,
+        tree,
+        token_path,
+        kube={"poll_interval_s": interval, "repoll_min_interval_ms": 100},
+    )
+    uid, cid = new_ids()
+    _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(node.discovery.run())
+        try:
+            kubelet.reset_counts()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.0:
+                node.discovery.request_poll(cg)  # every held line of it asks
+                await asyncio.sleep(0.02)
+            elapsed = time.monotonic() - t0
+            # Backoff: 1 + 0.1, 0.2, 0.4, 0.8 (then the periodic 1 s) ~ 5 + elapsed/interval.
+            # Re-polling at the 100 ms minimum would be ~40.
+            assert kubelet.request_count <= 6 + elapsed / interval, kubelet.request_count
+            assert kubelet.request_count >= 1
+        finally:
+            await stop(task)
+
+    node.run(scenario)
+
+
+def test_new_container_is_found_by_the_early_repolls(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    """The kubelet lists a new container a few polls late: the backoff polls find it
+    long before the (30 s) periodic poll would."""
+    node = Node(kubelet, tree, token_path, kube={"poll_interval_s": 30.0})
+    uid, cid = new_ids()
+    _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
 
     async def scenario() -> None:
         clock = PollClock(node.discovery)
         task = asyncio.create_task(node.discovery.run())
         try:
-            node.discovery.request_poll()
-            await clock.wait_for(4, 3.0)
-            wanted[0] = False
-            await asyncio.sleep(gap * 2 + 0.1)
-            count = len(clock.times)
-            await asyncio.sleep(gap * 2)
-            assert len(clock.times) == count  # no longer asked: no more polls
-            intervals = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-            assert all(gap - EPS <= i < gap + 0.25 for i in intervals), intervals
+            node.discovery.request_poll(cg)
+            await clock.wait_for(2, 10.0)
+            add_pod(kubelet, uid, cid)  # listed only now
+            deadline = time.monotonic() + 15.0
+            while node.discovery.lookup(cg) is None:
+                assert time.monotonic() < deadline, "not found by a re-poll"
+                await asyncio.sleep(0.01)
+            assert cg in node.writer.entries
+            # Found: no more re-polls for it.
+            assert node.discovery.repolls.next_due() is None
         finally:
             await stop(task)
 
