@@ -8,8 +8,9 @@
 
 /* Record types (event_hdr.type). */
 #define EV_DATA 1 /* bytes a watched process wrote to its stdout/stderr */
-#define EV_EXIT 2 /* the process (thread group) exited: flush its partial lines */
+#define EV_EXIT 2 /* the process exited (its last thread): flush its partial lines */
 #define EV_CGROUP 3 /* a cgroup v2 directory was created under the pods' subtree; data = its path */
+#define EV_THREAD_EXIT 4 /* a thread (tid) exited, its process lives on: flush the lines it wrote last */
 
 /* Streams (event_hdr.stream). */
 #define STREAM_STDOUT 1
@@ -20,7 +21,7 @@
 #define F_TRUNCATED 2    /* bytes of this write beyond the maximum (or the copy budget) are missing */
 #define F_CONTINUATION 4 /* not the first record of its write */
 #define F_UNKNOWN 8      /* cgroup under the pods' subtree but not (yet) in the containers map */
-#define F_LOSS 16        /* bytes of this process were dropped before this record */
+#define F_LOSS 16        /* bytes of this (process, stream) were lost before this record */
 
 /* Container flags (struct container.flags). */
 #define C_CAPTURE_STDOUT 1
@@ -34,15 +35,21 @@
 #define CNT_DROP_BYTES 3     /* data bytes lost: ring buffer full */
 #define CNT_TRUNC_BYTES 4    /* bytes beyond the per-write maximum or the copy budget */
 #define CNT_UNCAPT_BYTES 5   /* bytes written to a watched stream by splice/sendfile/tee/vmsplice/copy_file_range */
-#define CNT_UNCAPT_CALLS 6   /* such calls, plus io_uring_enter calls of watched processes (bytes unknown) */
-#define CNT_FAULT_BYTES 7    /* bytes the kernel accepted but the probe could not read from user memory */
+#define CNT_UNCAPT_CALLS 6   /* such calls, plus io_uring_enter / io_submit / sendmmsg calls to watched streams or of watched processes */
+#define CNT_FAULT_BYTES 7    /* bytes the kernel accepted but the probe could not read (user memory, msghdr) */
 #define CNT_UNKNOWN_RECORDS 8 /* records of cgroups under the pods' subtree not in the map */
 #define CNT_WRITES 9        /* write calls to a watched stream that returned > 0 */
 #define CNT_EXITS 10         /* exit records put in the ring buffer */
-#define CNT_DROP_EXITS 11    /* exit records lost: ring buffer full (partial lines then wait for the idle flush) */
+#define CNT_DROP_EXITS 11    /* exit records lost: ring buffer full (the pid's next records then carry F_LOSS) */
 
 #define CNT_DROP_CGROUPS 12  /* cgroup-creation records lost: ring buffer full */
-#define NCOUNTERS 13
+#define CNT_SCRATCH_MISS 13  /* writes lost whole: no per-CPU copy state for this CPU (NCPUS too small) */
+#define CNT_SCRATCH_MISS_BYTES 14 /* their bytes */
+#define CNT_TAIL_FAIL_BYTES 15 /* bytes of writes lost whole: the tail call into the copy loop failed */
+#define CNT_UNCAPT_MSGS 16   /* sendmmsg messages sent to a watched stream (bytes in uncapt_bytes) */
+#define CNT_COMPAT_EXECS 17  /* 32-bit (compat) programs started in watched containers: their writes are invisible */
+#define CNT_THREAD_EXITS 18  /* thread-exit records put in the ring buffer */
+#define NCOUNTERS 19
 
 #define EVENT_HDR_SIZE 48
 #define CGROUP_PATH_MAX 512

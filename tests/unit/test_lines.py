@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.capture.probe import CONSTANTS
 from agent.lines import Line, LineAssembler
 
 Key = tuple[int, int]
@@ -16,8 +17,9 @@ Key = tuple[int, int]
 def reference(stream: bytes, max_line: int) -> list[tuple[bytes, bool]]:
     """What the whole byte stream of one key must become (no break/idle/eviction flushes).
 
-    Every line of L bytes is L // max_line partial pieces of max_line bytes, then a
-    non-partial piece of L % max_line bytes; an unterminated tail is cut the same way and its
+    Every line is cut into partial pieces of max_line bytes (a little less where that
+    would cut a UTF-8 character, see char_cut) while max_line bytes or more are left, then
+    a non-partial piece of what is left; an unterminated tail is cut the same way and its
     last piece (if any) is partial too.
     """
     res: list[tuple[bytes, bool]] = []
@@ -25,12 +27,29 @@ def reference(stream: bytes, max_line: int) -> list[tuple[bytes, bool]]:
     for line in complete:
         off = 0
         while len(line) - off >= max_line:
-            res.append((line[off : off + max_line], True))
-            off += max_line
+            end = char_cut(line, off, off + max_line)
+            res.append((line[off:end], True))
+            off = end
         res.append((line[off:], False))
-    for off in range(0, len(tail), max_line):
-        res.append((tail[off : off + max_line], True))
+    off = 0
+    while off < len(tail):
+        end = char_cut(tail, off, off + max_line) if len(tail) - off >= max_line else len(tail)
+        res.append((tail[off:end], True))
+        off = end
     return res
+
+
+def char_cut(buf: bytes, off: int, end: int) -> int:
+    """Where a piece [off, end) of max_line bytes ends: before a UTF-8 character that
+    would be cut (judged on the bytes before `end` only), unless that empties the piece."""
+    for j in range(end - 1, max(off, end - 4), -1):
+        b = buf[j]
+        if b < 0x80:
+            return end
+        if b >= 0xC0:
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return j if 0xC2 <= b <= 0xF4 and j + need > end else end
+    return end
 
 
 # --------------------------------------------------------------------------- model checking
@@ -47,10 +66,16 @@ class KeyModel:
 class Checker:
     """Drives a LineAssembler and checks every emitted line against a byte-level model."""
 
-    def __init__(self, max_line: int, idle: int, max_streams: int) -> None:
-        self.asm = LineAssembler(max_line=max_line, idle_timeout_ns=idle, max_streams=max_streams)
+    def __init__(self, max_line: int, idle: int, max_streams: int, max_bytes: int) -> None:
+        self.asm = LineAssembler(
+            max_line=max_line,
+            idle_timeout_ns=idle,
+            max_streams=max_streams,
+            max_pending_bytes=max_bytes,
+        )
         self.max_line = max_line
         self.max_streams = max_streams
+        self.max_bytes = max_bytes
         self.keys: dict[Key, KeyModel] = {}
         self.feeds: dict[int, tuple[int, object]] = {}  # feed id -> (ts, tag)
         self.clock = 1000
@@ -73,9 +98,12 @@ class Checker:
             seg = msg if partial else msg + b"\n"
             start = m.emitted
             assert bytes(m.data[start : start + len(seg)]) == seg, "bytes out of order/joined"
-            feed_ts, feed_tag = self.feeds[m.owner[start]]
-            assert ts == feed_ts
-            assert tag is feed_tag
+            # The feed of the segment's first byte; a piece that starts with a character
+            # held back at a cut may get the feed that completed that character.
+            owners = m.owner[start : start + min(4, len(seg))]
+            assert any(ts == self.feeds[fid][0] and tag is self.feeds[fid][1] for fid in owners), (
+                "ts/tag not of the feed of the segment's first character"
+            )
             m.emitted += len(seg)
 
     def check_state(self) -> None:
@@ -84,6 +112,7 @@ class Checker:
             assert self.pending(k) < self.max_line, "pending reached max_line unflushed"
         assert self.asm.pending_streams == len(live)
         assert self.asm.pending_streams <= self.max_streams
+        assert self.asm.pending_bytes <= self.max_bytes
         assert self.asm.pending_bytes == sum(self.pending(k) for k in self.keys)
         # White-box: the per-pid index must not keep pids that have nothing pending (leak).
         assert self.asm._pids == {
@@ -106,16 +135,22 @@ class Checker:
         self.consume(out)
         if not data:
             assert out == []
-        # Other keys are untouched, except the least recently fed one when a new pending
-        # key would exceed max_streams: it is evicted (flushed whole).
+        # Other keys are untouched, except the least recently fed ones when a new pending
+        # key would exceed max_streams, or the pending bytes max_bytes: they are evicted
+        # (flushed whole), oldest first, only as many as needed.
         changed = {k for k in self.keys if k != key and self.pending(k) != before[k]}
-        live_before = [k for k, n in before.items() if n]
-        if not before[key] and self.pending(key) and len(live_before) >= self.max_streams:
-            lru = min(live_before, key=lambda k: self.keys[k].last_feed_ts)
-            assert changed == {lru}
-            assert self.pending(lru) == 0
-        else:
-            assert changed == set()
+        assert all(self.pending(k) == 0 for k in changed), "evicted keys are flushed whole"
+        others = sorted(
+            (k for k, n in before.items() if n and k != key),
+            key=lambda k: self.keys[k].last_feed_ts,
+        )
+        n_evicted = len(changed)
+        assert changed == set(others[:n_evicted]), "evicted out of feed order"
+        if n_evicted:
+            kept = others[n_evicted - 1 :]  # without the last evicted one, still too much?
+            streams = len(kept) + (1 if self.pending(key) else 0)
+            size = sum(before[k] for k in kept) + self.pending(key)
+            assert streams > self.max_streams or size > self.max_bytes, "evicted too many"
 
     def break_line(self, key: Key) -> None:
         before = self.pending(key)
@@ -171,6 +206,10 @@ def chunks(max_line: int) -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.just(b""),
         st.binary(max_size=40),
+        # multi-byte UTF-8 characters, so that max_line cuts meet them
+        st.lists(st.sampled_from(["é", "€", "🎉", "a", "\n"]), max_size=12).map(
+            lambda chars: "".join(chars).encode()
+        ),
         # newline-heavy
         st.lists(st.sampled_from([b"\n", b"\n", b"a", b"bc"]), max_size=20).map(b"".join),
         # short runs without newline, up to max_line: pending lines meet the limit exactly
@@ -188,10 +227,11 @@ Op = tuple[str, int, int, bytes]  # (kind, pid or advance, stream, data)
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[int, int, int, list[Op]]:
+def scenarios(draw: st.DrawFn) -> tuple[int, int, int, int, list[Op]]:
     max_line = draw(st.one_of(st.integers(1, 8), st.integers(9, 64)))
     idle = draw(st.integers(0, 40))  # the clock moves 1 per feed, 0..8 per idle op
     max_streams = draw(st.one_of(st.integers(1, 5), st.just(1000)))
+    max_bytes = draw(st.one_of(st.integers(max_line, 3 * max_line), st.just(10**6)))
     # Few keys most of the time, so that feeds of one key meet pending bytes often.
     n_pids = draw(st.integers(1, len(PIDS)))
     n_streams = draw(st.integers(1, len(STREAMS)))
@@ -203,14 +243,16 @@ def scenarios(draw: st.DrawFn) -> tuple[int, int, int, list[Op]]:
     op = st.tuples(
         st.sampled_from(kinds), pid_st, stream_st, chunks(max_line), st.integers(0, 8)
     ).map(lambda t: (t[0], t[4] if t[0] == "idle" else t[1], t[2], t[3]))
-    return max_line, idle, max_streams, draw(st.lists(op, min_size=15, max_size=100))
+    return max_line, idle, max_streams, max_bytes, draw(st.lists(op, min_size=15, max_size=100))
 
 
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
-def test_random_interleavings_keep_invariant(scenario: tuple[int, int, int, list[Op]]) -> None:
-    max_line, idle, max_streams, ops = scenario
-    c = Checker(max_line, idle, max_streams)
+def test_random_interleavings_keep_invariant(
+    scenario: tuple[int, int, int, int, list[Op]],
+) -> None:
+    max_line, idle, max_streams, max_bytes, ops = scenario
+    c = Checker(max_line, idle, max_streams, max_bytes)
     for kind, a, b, data in ops:
         if kind == "feed":
             c.feed((a, b), data)
@@ -484,3 +526,272 @@ def test_flush_all_emits_partials_and_clears() -> None:
 def test_rejects_bad_limits(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         LineAssembler(**kwargs)
+
+
+# --------------------------------------------------------------------------- gaps (issue 8, 1)
+#
+# A record flagged F_LOSS follows bytes of its (pid, stream) that were dropped; one flagged
+# F_TRUNCATED lacks the bytes of its write after it.  Either way the line ends at the gap,
+# partial, and no emitted line holds bytes of both sides of a gap, whatever the pids, the
+# streams and the order of their records.
+
+F_LOSS = CONSTANTS["F_LOSS"]
+F_TRUNCATED = CONSTANTS["F_TRUNCATED"]
+EV_DATA = CONSTANTS["EV_DATA"]
+EV_EXIT = CONSTANTS["EV_EXIT"]
+EV_THREAD_EXIT = CONSTANTS["EV_THREAD_EXIT"]
+EV_CGROUP = CONSTANTS["EV_CGROUP"]
+
+
+def data_rec(
+    pid: int,
+    stream: int,
+    data: bytes,
+    flags: int = 0,
+    ts: int = 1,
+    tid: int | None = None,
+    cgroup: int = 77,
+) -> tuple[int, int, int, int, int, int, int, bytes, bytes]:
+    return (ts, cgroup, pid, pid if tid is None else tid, EV_DATA, stream, flags, b"c", data)
+
+
+def exit_rec(
+    pid: int, tid: int | None = None, typ: int = EV_EXIT
+) -> tuple[int, int, int, int, int, int, int, bytes, bytes]:
+    return (9, 77, pid, pid if tid is None else tid, typ, 0, 0, b"c", b"")
+
+
+def test_loss_on_stdout_breaks_stdout_only_and_is_not_glued() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process(
+        [
+            data_rec(1, 1, b"abc"),
+            data_rec(1, 2, b"err-pending"),
+            data_rec(1, 1, b"ghi\n", F_LOSS),  # stdout bytes between were dropped
+            data_rec(1, 2, b" done\n"),
+        ],
+        out,
+    )
+    assert [(line[2], line[4], line[5]) for line in out] == [
+        (1, b"abc", True),
+        (1, b"ghi", False),
+        (2, b"err-pending done", False),
+    ]
+
+
+def test_truncated_write_ends_its_line_and_the_next_write_starts_a_new_one() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(1, 1, b"x" * 100, F_TRUNCATED), data_rec(1, 1, b"next\n")], out)
+    assert [(line[4], line[5]) for line in out] == [(b"x" * 100, True), (b"next", False)]
+
+
+def test_truncated_empty_record_still_ends_the_line() -> None:
+    # A write truncated at a multiple of the chunk size ends with an empty flagged record.
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(1, 1, b"head"), data_rec(1, 1, b"", F_TRUNCATED)], out)
+    asm.process([data_rec(1, 1, b"tail\n")], out)
+    assert [(line[4], line[5]) for line in out] == [(b"head", True), (b"tail", False)]
+
+
+def test_loss_flag_with_nothing_pending_emits_nothing() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(1, 1, b"whole\n"), data_rec(1, 1, b"next\n", F_LOSS)], out)
+    assert [(line[4], line[5]) for line in out] == [(b"whole", False), (b"next", False)]
+
+
+@st.composite
+def gap_scenarios(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, bytes, int, int]]]:
+    max_line = draw(st.integers(4, 24))
+    rec = st.tuples(
+        st.sampled_from([10, 11, 12]),
+        st.sampled_from([1, 2]),
+        st.lists(st.sampled_from([b"\n", b"a", b"bc", b"defgh"]), max_size=8).map(b"".join),
+        st.sampled_from([0, 0, 0, F_LOSS, F_TRUNCATED, F_LOSS | F_TRUNCATED]),
+        st.sampled_from([77, 77, 77, 78]),  # a pid seen in another cgroup: reused
+    )
+    return max_line, draw(st.lists(rec, min_size=1, max_size=60))
+
+
+@settings(max_examples=400, deadline=None)
+@given(gap_scenarios())
+def test_no_line_joins_bytes_across_a_gap(
+    scenario: tuple[int, list[tuple[int, int, bytes, int, int]]],
+) -> None:
+    """Model: each key's bytes are numbered by segment; a gap (loss before a record,
+    truncation after it, a change of the key's cgroup) starts a new segment.  Every emitted line
+    lies within one segment, a line ends with a newline only where the data had one, and
+    the bytes of every key come out complete and in order."""
+    max_line, recs = scenario
+    asm = LineAssembler(max_line=max_line)
+    segs: dict[Key, list[int]] = {}  # per byte: its segment
+    data_of: dict[Key, bytearray] = {}
+    seg_no: dict[Key, int] = {}
+    owner: dict[Key, int] = {}
+    out: list[Line] = []
+    for ts, (pid, stream, data, flags, cgroup) in enumerate(recs):
+        key = (pid, stream)
+        if owner.get(key, cgroup) != cgroup:
+            seg_no[key] += 1
+        owner[key] = cgroup
+        if flags & F_LOSS:
+            seg_no[key] = seg_no.get(key, 0) + 1
+        s = seg_no.setdefault(key, 0)
+        data_of.setdefault(key, bytearray()).extend(data)
+        segs.setdefault(key, []).extend([s] * len(data))
+        if flags & F_TRUNCATED:
+            seg_no[key] = s + 1
+        asm.process([data_rec(pid, stream, data, flags, ts, cgroup=cgroup)], out)
+    asm.flush_all(out)
+    pos: dict[Key, int] = {}
+    for _ts, pid, stream, _tag, msg, partial in out:
+        key = (pid, stream)
+        start = pos.get(key, 0)
+        seg = msg if partial else msg + b"\n"
+        assert bytes(data_of[key][start : start + len(seg)]) == seg
+        assert len(set(segs[key][start : start + len(seg)])) <= 1, "joined across a gap"
+        pos[key] = start + len(seg)
+    assert pos == {k: len(v) for k, v in data_of.items() if v}
+
+
+def test_pid_reused_in_another_cgroup_ends_the_old_line_first() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(5, 1, b"old process ", cgroup=1)], out)
+    asm.process([data_rec(5, 1, b"new process\n", cgroup=2)], out)
+    assert [(line[3][0], line[4], line[5]) for line in out] == [  # type: ignore[index]
+        (1, b"old process ", True),
+        (2, b"new process", False),
+    ]
+
+
+# --------------------------------------------------------------------------- exits (issue 8, 7)
+
+
+def test_process_exit_record_flushes_every_stream_of_the_pid() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(3, 1, b"o"), data_rec(3, 2, b"e"), data_rec(4, 1, b"x")], out)
+    asm.process([exit_rec(3)], out)
+    assert sorted((line[1], line[2], line[4], line[5]) for line in out) == [
+        (3, 1, b"o", True),
+        (3, 2, b"e", True),
+    ]
+    assert asm.pending_streams == 1
+
+
+def test_thread_exit_flushes_the_lines_that_thread_wrote_last() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process(
+        [
+            data_rec(3, 1, b"main thread ", tid=3),
+            data_rec(3, 1, b"then worker", tid=31),  # worker wrote last on stdout
+            data_rec(3, 2, b"err by main", tid=3),
+        ],
+        out,
+    )
+    asm.process([exit_rec(3, tid=32, typ=EV_THREAD_EXIT)], out)  # another thread: nothing
+    assert out == []
+    asm.process([exit_rec(3, tid=31, typ=EV_THREAD_EXIT)], out)
+    assert [(line[2], line[4], line[5]) for line in out] == [(1, b"main thread then worker", True)]
+    assert asm.pending_streams == 1
+
+
+def test_other_records_are_handed_back_in_order() -> None:
+    asm = LineAssembler()
+    out: list[Line] = []
+    seen: list[object] = []
+    cg = (5, 123, 0, 0, EV_CGROUP, 0, 0, b"", b"/kubepods/x")
+    asm.process([data_rec(1, 1, b"a\n"), cg], out, seen.append)
+    assert seen == [cg]
+    assert [line[4] for line in out] == [b"a"]
+
+
+# --------------------------------------------------------------------------- bounds (issue 8, 8)
+
+
+def test_pending_bytes_are_bounded_by_evicting_least_recently_fed() -> None:
+    asm = LineAssembler(max_line=200, max_pending_bytes=250)
+    out: list[Line] = []
+    asm.feed(1, 1, 1, "a", b"a" * 90, out)
+    asm.feed(2, 1, 2, "b", b"b" * 90, out)
+    asm.feed(1, 1, 3, "a2", b"A", out)  # (1, 1) is now the most recently fed
+    assert out == []
+    asm.feed(3, 1, 4, "c", b"c" * 90, out)  # 271 bytes pending: (2, 1) must go
+    assert out == [(2, 2, 1, "b", b"b" * 90, True)]
+    assert asm.pending_bytes == 181
+    asm.feed(3, 1, 5, "c", b"c" * 80, out)  # grows to 261: (1, 1) goes
+    assert out[1] == (1, 1, 1, "a", b"a" * 90 + b"A", True)
+    assert asm.pending_bytes <= 250
+
+
+def test_many_long_partial_lines_stay_within_the_byte_bound() -> None:
+    asm = LineAssembler(max_line=16384, max_streams=65536, max_pending_bytes=1 << 20)
+    out: list[Line] = []
+    for pid in range(1000):
+        asm.feed(pid, 1, pid, None, b"p" * 16000, out)
+        assert asm.pending_bytes <= 1 << 20
+    assert sum(len(line[4]) for line in out) + asm.pending_bytes == 1000 * 16000
+
+
+def test_byte_bound_below_max_line_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        LineAssembler(max_line=1000, max_pending_bytes=999)
+
+
+# --------------------------------------------------------------------------- UTF-8 (issue 8, 2)
+
+UTF8_CHARS = ["a", "\n", "é", "€", "漢", "🎉", "\u2028"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_line=st.integers(4, 30),
+    text=st.lists(st.sampled_from(UTF8_CHARS), max_size=200).map("".join),
+    cuts=st.lists(st.integers(0, 900), max_size=10),
+)
+def test_cuts_fall_on_character_boundaries_of_valid_utf8(
+    max_line: int, text: str, cuts: list[int]
+) -> None:
+    stream = text.encode()
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    asm = LineAssembler(max_line=max_line)
+    out: list[Line] = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        asm.feed(5, 1, i, None, stream[a:b], out)
+    asm.flush_all(out)
+    for *_, msg, partial in out:
+        msg.decode("utf-8")  # strict: no character was cut
+        assert len(msg) <= max_line
+        if partial and len(msg) < max_line - 3:
+            assert msg is out[-1][4], "only the final flush may be short"
+    assert b"".join(m if p else m + b"\n" for *_, m, p in out) == stream
+
+
+def test_cut_inside_a_multibyte_character_moves_before_it() -> None:
+    asm = LineAssembler(max_line=6)
+    out: list[Line] = []
+    asm.feed(1, 1, 1, "t", "abcd€xy\n".encode(), out)  # € = 3 bytes at 4..6
+    assert [(m, p) for *_, m, p in out] == [(b"abcd", True), ("€xy".encode(), False)]
+
+
+def test_pending_ending_in_half_a_character_keeps_it_for_the_next_write() -> None:
+    asm = LineAssembler(max_line=4)
+    out: list[Line] = []
+    asm.feed(1, 1, 1, "t", b"ab\xe2\x82", out)  # reaches max_line inside the euro sign
+    assert [(m, p) for *_, m, p in out] == [(b"ab", True)]
+    asm.feed(1, 1, 2, "u", b"\xac\n", out)
+    assert [(m, p) for *_, m, p in out][1:] == [("€".encode(), False)]
+
+
+def test_invalid_bytes_are_cut_at_max_line_and_kept_exactly() -> None:
+    asm = LineAssembler(max_line=4)
+    out: list[Line] = []
+    data = b"\xff\xfe\xfd\xfc\xfb\x80\x80\x80\x80\n"
+    asm.feed(1, 1, 1, "t", data, out)
+    assert b"".join(m if p else m + b"\n" for *_, m, p in out) == data
+    assert all(len(m) <= 4 for *_, m, _ in out)
