@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/lines_bench.py [--scale K] [--reps N]
 Scenarios (all with the default max_line=16384, 64 (pid, stream) keys round-robin):
   a) one 100-byte line per feed (the common case of line-buffered writers);
   b) 4 KiB chunks holding lines of 20..200 bytes, cut mid-line (block-buffered writers);
-  c) every 100-byte line split across two feeds (a pending tail completed by the next feed).
+  c) every 100-byte line split across two feeds (a pending tail completed by the next feed);
+  d) as a), but as capture records through `LineAssembler.process` (what the pipeline calls).
 Prints lines/s and MB/s of input; the best of a few repetitions is kept.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,6 +64,24 @@ def split_lines(n_lines: int) -> list[Feed]:
     return out
 
 
+def run_records(feeds: list[Feed], batch: int = 4096) -> tuple[float, int, int]:
+    records = [
+        (ts, 0xC0FFEE, pid, pid, 1, stream, 0, b"app", data) for pid, stream, ts, _, data in feeds
+    ]
+    asm = LineAssembler()
+    out: list[Line] = []
+    n_lines = 0
+    n_bytes = sum(len(f[4]) for f in feeds)
+    t0 = time.perf_counter()
+    for start in range(0, len(records), batch):
+        asm.process(records[start : start + batch], out)
+        n_lines += len(out)
+        out.clear()
+    asm.flush_all(out)
+    n_lines += len(out)
+    return time.perf_counter() - t0, n_lines, n_bytes
+
+
 def run(feeds: list[Feed], batch: int = 4096) -> tuple[float, int, int]:
     asm = LineAssembler()
     feed = asm.feed
@@ -79,9 +99,11 @@ def run(feeds: list[Feed], batch: int = 4096) -> tuple[float, int, int]:
     return time.perf_counter() - t0, n_lines, n_bytes
 
 
-def bench(name: str, make: Callable[[], list[Feed]], reps: int) -> None:
+def bench(
+    name: str, make: Callable[[], list[Feed]], reps: int, runner: Callable[..., Any] | None = None
+) -> None:
     feeds = make()
-    best = min((run(feeds) for _ in range(reps)), key=lambda r: r[0])
+    best = min(((runner or run)(feeds) for _ in range(reps)), key=lambda r: r[0])
     secs, n_lines, n_bytes = best
     print(
         f"{name:<42} {n_lines / secs / 1e6:7.2f} M lines/s {n_bytes / secs / 1e6:8.1f} MB/s"
@@ -104,6 +126,12 @@ def main() -> None:
     bench("b) 4 KiB chunks, many lines each", lambda: chunks_of_4k(int(20_000 * k)), args.reps)
     bench(
         "c) 100-byte lines split across 2 feeds", lambda: split_lines(int(300_000 * k)), args.reps
+    )
+    bench(
+        "d) as a), records through process()",
+        lambda: one_line_per_feed(int(500_000 * k)),
+        args.reps,
+        run_records,
     )
 
 
