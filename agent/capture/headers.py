@@ -7,13 +7,22 @@ running kernel (`/lib/modules/$(uname -r)/build`), else Debian's
 merged into one tree (a tree of symlinks in a cache directory).  The BPF
 program takes no struct layout from these headers (offsets come from BTF), so
 headers of another kernel version are good enough.
+
+The cache directory is a hostPath that every agent on the node shares (two
+during a rolling update, each pid 1 in its own pod): a tree is built under a
+unique temporary name in the cache directory and renamed into place, and the
+cache is only trusted when root owns it and no one else can write to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,22 +77,70 @@ def _link_tree(src: Path, dst: Path) -> None:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
 
 
+def check_trusted_dir(path: Path) -> None:
+    """Refuse a directory others could have planted or could change: it must be a real
+    directory (not a symlink), owned by root (or by us), not writable by group or others."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise HeadersError(f"kernel header cache {path}: {e.strerror}") from e
+    problems = []
+    if not stat.S_ISDIR(st.st_mode):
+        problems.append("is not a directory" + (" (a symlink)" if stat.S_ISLNK(st.st_mode) else ""))
+    if st.st_uid not in (0, os.geteuid()):
+        problems.append(f"is owned by uid {st.st_uid}, not root")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+    if problems:
+        raise HeadersError(
+            f"refusing the kernel header cache {path}: it {' and '.join(problems)}; "
+            f"make it a directory owned by root with mode 0755 (chown root: {path}; "
+            f"chmod go-w {path}) or set capture.headers_cache_dir elsewhere"
+        )
+
+
+def _cache_dir(path: Path) -> Path:
+    """The cache directory, created root-only if missing, checked before it is used."""
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_trusted_dir(path)
+    return path
+
+
+def _put_aside(tree: Path) -> None:
+    """Move a stale tree out of the way under a unique name, then remove it."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{tree.name}.stale-", dir=tree.parent))
+    with contextlib.suppress(FileNotFoundError):  # another agent moved it first
+        os.rename(tree, aside / tree.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def merge_debian_headers(common: Path, arch_dir: Path, dest: Path) -> Path:
-    """Merge a Debian `-common` and `-<arch>` header pair into `dest` (idempotent)."""
+    """Merge a Debian `-common` and `-<arch>` header pair into `dest` (idempotent, safe
+    with several agents merging into the same cache at once)."""
     stamp = dest / _MERGED_STAMP
     if stamp.exists():
+        check_trusted_dir(dest)
         return dest
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    _link_tree(common, tmp)
-    _link_tree(arch_dir, tmp)
-    (tmp / _MERGED_STAMP).write_text(f"{common}\n{arch_dir}\n")
-    if dest.exists():
-        # Someone else merged concurrently, or a stale unstamped tree: keep theirs if complete.
-        if stamp.exists():
-            return dest
-        os.rename(dest, dest.with_name(dest.name + f".stale{os.getpid()}"))
-    os.rename(tmp, dest)
-    return dest
+    tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        _link_tree(common, tmp)
+        _link_tree(arch_dir, tmp)
+        (tmp / _MERGED_STAMP).write_text(f"{common}\n{arch_dir}\n")
+        for _ in range(3):
+            try:
+                os.rename(tmp, dest)  # atomic; fails if dest exists and is not empty
+                return dest
+            except OSError:
+                if stamp.exists():  # another agent finished first: theirs is complete
+                    check_trusted_dir(dest)
+                    return dest
+                if not dest.exists():
+                    raise
+                _put_aside(dest)  # a stale, unstamped tree
+        raise HeadersError(f"could not put the merged headers at {dest}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def find_kernel_headers(
@@ -107,8 +164,7 @@ def find_kernel_headers(
     pairs = _debian_pairs(root / "usr/src", arch)
     if pairs:
         version, common, arch_dir = pairs[0]
-        dest = Path(cache_dir) / f"{version}-{arch}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = _cache_dir(Path(cache_dir)) / f"{version}-{arch}"
         return KernelHeaders(str(merge_debian_headers(common, arch_dir, dest)), "debian")
     raise HeadersError(
         f"no kernel headers for bcc: none for the running kernel {release} under "
