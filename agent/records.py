@@ -7,7 +7,16 @@ one orjson string escape, one small ``bytes %`` formatting and one concatenation
 is built.
 
 A record is one JSON object without a trailing newline; NDJSON sinks join records with
-``b"\\n"``. Field order: time key(s), ``stream``, ``message``, ``partial``, metadata.
+``b"\\n"``. Field order: time key(s), ``stream``, ``message``, (``message_base64``),
+``partial``, metadata.
+
+Messages are bytes; a line that is not valid UTF-8 is written as `RecordFormat.invalid_utf8`
+says: ``replace`` (invalid sequences as U+FFFD: lossy), ``base64`` (the same text, plus the
+exact bytes in ``message_base64``, a member present only on such lines), or ``escape``
+(``message`` holds each invalid byte as a ``\\udcXX`` escape, the convention of Python's
+``surrogateescape``: ``json.loads(record)["message"].encode("utf-8", "surrogateescape")``
+gives the exact bytes back; parsers that reject lone surrogates reject such records).
+Valid lines are the same in every mode.
 
 Schemas of the metadata part:
 
@@ -28,6 +37,8 @@ Schemas of the metadata part:
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -51,7 +62,11 @@ STDERR = 2
 
 Schema = Literal["fluentbit", "otel"]
 _SCHEMAS = ("fluentbit", "otel")
-_RESERVED_KEYS = frozenset({"stream", "message", "partial", "kubernetes", "kubernetes_namespace"})
+InvalidUtf8 = Literal["replace", "escape", "base64"]
+_INVALID_UTF8 = ("replace", "escape", "base64")
+_RESERVED_KEYS = frozenset(
+    {"stream", "message", "message_base64", "partial", "kubernetes", "kubernetes_namespace"}
+)
 
 _STREAMS = (b"stdout", b"stderr")
 _NS_PER_S = 1_000_000_000
@@ -84,6 +99,9 @@ class RecordFormat:
         ``k8s.node.label.<key>``).
     time_key: name of the time field.
     timestamp_key_es: also write the time as ``@timestamp`` (Elasticsearch/Kibana default).
+    invalid_utf8: how a line that is not valid UTF-8 is written: ``"replace"`` (lossy),
+        ``"base64"`` (exact bytes in ``message_base64`` as well) or ``"escape"`` (exact bytes
+        as ``\\udcXX`` escapes in ``message``); see the module documentation.
     """
 
     schema: Schema = "fluentbit"
@@ -93,10 +111,15 @@ class RecordFormat:
     include_node_labels: bool = False
     time_key: str = "time"
     timestamp_key_es: bool = False
+    invalid_utf8: InvalidUtf8 = "replace"
 
     def __post_init__(self) -> None:
         if self.schema not in _SCHEMAS:
             raise ValueError(f"unknown record schema {self.schema!r}; expected one of {_SCHEMAS}")
+        if self.invalid_utf8 not in _INVALID_UTF8:
+            raise ValueError(
+                f"unknown invalid_utf8 {self.invalid_utf8!r}; expected one of {_INVALID_UTF8}"
+            )
         if not self.time_key or self.time_key in _RESERVED_KEYS:
             raise ValueError(f"time_key {self.time_key!r} is empty or clashes with another field")
         if self.timestamp_key_es and self.time_key == "@timestamp":
@@ -226,6 +249,18 @@ def _escape(message: bytes) -> bytes:
     return orjson.dumps(message.decode("utf-8", "replace"))
 
 
+def _invalid_message(message: bytes, mode: str) -> bytes:
+    """The message member's value for bytes that are not valid UTF-8 (and, with base64,
+    the ``message_base64`` member after it)."""
+    if mode == "escape":
+        # ensure_ascii: every non-ASCII character, lone surrogates included, as \uXXXX.
+        return json.dumps(message.decode("utf-8", "surrogateescape")).encode("ascii")
+    text = orjson.dumps(message.decode("utf-8", "replace"))
+    if mode == "base64":
+        return text + b',"message_base64":"' + base64.b64encode(message) + b'"'
+    return text
+
+
 def _line_heads(fmt: RecordFormat) -> tuple[bytes, bytes]:
     """``bytes %`` templates for stdout and stderr, up to the message included; their
     fields: seconds prefix, nanoseconds, message (twice the time with ``@timestamp``)."""
@@ -252,7 +287,7 @@ class ContainerEncoder:
     without braces), for callers that want to reuse or inspect them.
     """
 
-    __slots__ = ("_double_time", "_heads", "_tails", "metadata")
+    __slots__ = ("_double_time", "_heads", "_invalid_utf8", "_tails", "metadata")
 
     def __init__(self, meta: ContainerMeta, fmt: RecordFormat | None = None) -> None:
         fmt = fmt or RecordFormat()
@@ -260,6 +295,7 @@ class ContainerEncoder:
         self._heads = _line_heads(fmt)
         self._tails = _line_tails(self.metadata)
         self._double_time = fmt.timestamp_key_es
+        self._invalid_utf8 = fmt.invalid_utf8
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
         """One record: ``time_ns`` since the epoch (UTC), ``stream`` 1 (stdout) or 2 (stderr)."""
@@ -268,11 +304,15 @@ class ContainerEncoder:
         seconds, nanos = divmod(time_ns, _NS_PER_S)
         cached = _last_second  # the cache hit inlined: most lines share the previous second
         prefix = cached[1] if cached[0] == seconds else _second_prefix(seconds)
+        try:
+            value = orjson.dumps(message.decode())
+        except UnicodeDecodeError:
+            value = _invalid_message(message, self._invalid_utf8)
         head = self._heads[stream - 1]
         if self._double_time:
-            head = head % (prefix, nanos, prefix, nanos, _escape(message))
+            head = head % (prefix, nanos, prefix, nanos, value)
         else:
-            head = head % (prefix, nanos, _escape(message))
+            head = head % (prefix, nanos, value)
         return head + self._tails[partial]
 
 
@@ -310,20 +350,18 @@ def encode_tap_line(
     cgroup_id: int,
     message: bytes,
     partial: bool,
+    invalid_utf8: InvalidUtf8 = "replace",
 ) -> bytes:
     """A record without pod metadata (``podtap tap``): fields ``time, stream, pid, comm,
-    cgroup_id, message, partial``."""
+    cgroup_id, message, (message_base64), partial``; `invalid_utf8` as in RecordFormat."""
     if stream != STDOUT and stream != STDERR:
         raise ValueError(f"stream must be 1 (stdout) or 2 (stderr), not {stream!r}")
     seconds, nanos = divmod(time_ns, _NS_PER_S)
     cached = _last_second
     prefix = cached[1] if cached[0] == seconds else _second_prefix(seconds)
     template = _TAP_TEMPLATES[(stream - 1) * 2 + partial]
-    return template % (
-        prefix,
-        nanos,
-        pid,
-        _escaped_comm(comm),
-        cgroup_id,
-        _escape(message),
-    )
+    try:
+        value = orjson.dumps(message.decode())
+    except UnicodeDecodeError:
+        value = _invalid_message(message, invalid_utf8)
+    return template % (prefix, nanos, pid, _escaped_comm(comm), cgroup_id, value)

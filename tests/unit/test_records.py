@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.kube.model import ContainerMeta
+from agent.lines import Line, LineAssembler
 from agent.records import (
     ContainerEncoder,
     RecordFormat,
@@ -369,3 +372,84 @@ def test_node_labels_only_when_asked(schema: str, include: bool) -> None:
         got = {k: v for k, v in record.items() if k.startswith("k8s.node.label.")}
         expected = {"k8s.node.label.topology_kubernetes_io/zone": "z1", "k8s.node.label.pool": "a"}
         assert got == (expected if include else {})
+
+
+# --- invalid UTF-8: lossless representations (issue 8, 2) -------------------------------
+
+
+def raw_from_record(obj: dict[str, Any], mode: str) -> bytes:
+    """The exact bytes of the line, as a consumer gets them back from a record."""
+    if mode == "base64":
+        if "message_base64" in obj:
+            return base64.b64decode(obj["message_base64"], validate=True)
+        return str(obj["message"]).encode("utf-8")
+    return str(obj["message"]).encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("mode", ["base64", "escape"])
+@settings(max_examples=200, deadline=None)
+@given(
+    stream=st.lists(
+        st.one_of(
+            st.binary(max_size=12),
+            st.sampled_from(["é", "€", "🎉", "\n", "a\\xff", "\udcff"]).map(
+                lambda t: t.encode("utf-8", "surrogatepass")
+            ),
+            st.sampled_from([b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf"]),
+        ),
+        max_size=40,
+    ).map(b"".join),
+    max_line=st.integers(4, 20),
+)
+def test_raw_bytes_come_back_exactly_through_assembler_and_encoder(
+    mode: str, stream: bytes, max_line: int
+) -> None:
+    asm = LineAssembler(max_line=max_line)
+    out: list[Line] = []
+    asm.feed(1, 1, T, None, stream, out)
+    asm.flush_all(out)
+    enc = ContainerEncoder(META, RecordFormat(invalid_utf8=mode))  # type: ignore[arg-type]
+    got = bytearray()
+    for ts, _pid, s, _tag, message, partial in out:
+        obj = json.loads(enc.encode(ts, s, message, partial))  # any JSON parser
+        got += raw_from_record(obj, mode) + (b"" if partial else b"\n")
+        if mode == "base64":
+            assert ("message_base64" in obj) == (not _valid(message))
+            assert obj["message"] == message.decode("utf-8", "replace")
+    assert bytes(got) == stream
+
+
+def _valid(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("mode", ["replace", "base64", "escape"])
+def test_valid_lines_are_the_same_in_every_mode(mode: str) -> None:
+    message = "plain é 漢字 🎉 \\xff literal".encode()
+    rec = ContainerEncoder(META, RecordFormat(invalid_utf8=mode)).encode(T, 1, message, False)  # type: ignore[arg-type]
+    assert rec == ContainerEncoder(META).encode(T, 1, message, False)
+
+
+def test_base64_field_comes_right_after_the_message() -> None:
+    enc = ContainerEncoder(META, RecordFormat(invalid_utf8="base64"))
+    obj = orjson.loads(enc.encode(T, 2, b"bad \xff", True))
+    keys = list(obj)
+    assert keys[keys.index("message") + 1] == "message_base64"
+    assert obj["message"] == "bad \ufffd" and obj["partial"] is True
+    assert base64.b64decode(obj["message_base64"]) == b"bad \xff"
+
+
+def test_tap_line_can_carry_the_raw_bytes_too() -> None:
+    out = encode_tap_line(T, 1, 7, b"sh", 9, b"\xfe\xff", False, invalid_utf8="base64")
+    assert base64.b64decode(orjson.loads(out)["message_base64"]) == b"\xfe\xff"
+    esc = encode_tap_line(T, 1, 7, b"sh", 9, b"\xfe\xff", False, invalid_utf8="escape")
+    assert json.loads(esc)["message"].encode("utf-8", "surrogateescape") == b"\xfe\xff"
+
+
+def test_unknown_invalid_utf8_mode_rejected() -> None:
+    with pytest.raises(ValueError):
+        RecordFormat(invalid_utf8="drop")  # type: ignore[arg-type]
