@@ -6,8 +6,10 @@
   strings (not base64), and unknown fields are ignored. `application/x-protobuf`: the
   binary message. Anything else: 415.
 - `Content-Encoding`: none, gzip or deflate (others: 400).
-- a body that does not parse, or a trace/span id that is not 16/8 bytes of hex: 400 with
-  a `google.rpc.Status` (code 3, InvalidArgument) in the request's encoding.
+- a body that does not parse (a value of the wrong JSON type where an object, array,
+  number or string belongs, an unknown enum name, a trace/span id that is not 16/8 bytes
+  of hex): 400 with a `google.rpc.Status` (code 3, InvalidArgument) in the request's
+  encoding, as the Collector's OTLP receiver answers.
 - success: 200 with an `ExportLogsServiceResponse`, `{}` in JSON; with
   `partial_success(rejected, message)` the next request's first `rejected` log records
   are refused and `partialSuccess {rejectedLogRecords, errorMessage}` says so.
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
@@ -166,42 +169,56 @@ def _parse(raw: bytes, media: str) -> ExportLogsServiceRequest:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise ValueError(f"ReadObject: {e}") from None
-    _hex_ids_to_base64(doc)
+    known = _otlp_json(doc, export.DESCRIPTOR, "ExportLogsServiceRequest")
     try:
-        json_format.ParseDict(doc, export, ignore_unknown_fields=True)
+        json_format.ParseDict(known, export)
     except json_format.ParseError as e:
         raise ValueError(str(e)) from None
     return export
 
 
-def _hex_ids_to_base64(doc: Any) -> None:
-    """OTLP/JSON writes trace and span ids in hex; protobuf's JSON parser reads base64."""
-    if not isinstance(doc, dict):
-        return
-    for resource_logs in _list(doc.get("resourceLogs")):
-        for scope_logs in _list(_dict(resource_logs).get("scopeLogs")):
-            for record in _list(_dict(scope_logs).get("logRecords")):
-                if not isinstance(record, dict):
-                    continue
-                for key, size in (("traceId", 16), ("spanId", 8)):
-                    value = record.get(key)
-                    if value in (None, ""):
-                        continue
-                    try:
-                        data = bytes.fromhex(value) if isinstance(value, str) else b""
-                    except ValueError:
-                        data = b""
-                    if len(data) != size:
-                        raise ValueError(f"invalid length for ID: {key} {value!r}")
-                    record[key] = binascii.b2a_base64(data, newline=False).decode()
+def _otlp_json(value: Any, descriptor: Descriptor, path: str) -> dict[str, Any]:
+    """An OTLP/JSON object made ready for protobuf's strict JSON parser: unknown fields
+    dropped (OTLP/JSON receivers must ignore them), hex trace and span ids turned into
+    base64, and every message checked to be an object (protobuf's Python parser would
+    otherwise read a string where an object belongs as a list of unknown field names)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected an object, got {type(value).__name__}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        field = descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None or item is None:
+            continue
+        where = f"{path}.{key}"
+        if field.is_repeated:
+            if not isinstance(item, list):
+                raise ValueError(f"{where}: expected an array")
+            out[key] = [_otlp_value(field, v, f"{where}[{i}]") for i, v in enumerate(item)]
+        else:
+            out[key] = _otlp_value(field, item, where)
+    return out
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
+_ID_BYTES = {"trace_id": 16, "span_id": 8}
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+def _otlp_value(field: FieldDescriptor, value: Any, path: str) -> Any:
+    if field.message_type is not None:
+        return _otlp_json(value, field.message_type, path)
+    if field.enum_type is not None and isinstance(value, str) and (
+            value not in field.enum_type.values_by_name):
+        raise ValueError(f"{path}: unknown enum value {value!r}")
+    if field.type == FieldDescriptor.TYPE_BYTES and field.name in _ID_BYTES:
+        if value == "":
+            return value
+        try:
+            data = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            data = b""
+        if len(data) != _ID_BYTES[field.name]:
+            raise ValueError(f"{path}: invalid length for ID {value!r}")
+        return binascii.b2a_base64(data, newline=False).decode()
+    return value
 
 
 def _status(status: int, message: str, media: str) -> web.Response:
