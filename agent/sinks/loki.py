@@ -17,10 +17,13 @@ plus the pod labels named in `loki.pod_labels`, under their sanitised key
 
 - `structured`: Loki's structured metadata (the third element of each value, Loki >= 2.9
   with `allow_structured_metadata`, the default in 3.x): the fields above that are not
-  labels, `owner_kind`/`owner_name`, the pod's labels under their sanitised keys, and
-  `partial: "true"` on a line split or flushed before its newline;
-- `json`: the line is the whole record (`records.ContainerEncoder`, in `records.schema`);
-- `none`: the line is the message, nothing else.
+  labels, `owner_kind`/`owner_name`, the pod's labels under their sanitised keys,
+  `partial: "true"` on a line split or flushed before its newline, and, when
+  `records.invalid_utf8` is `base64` or `escape`, `message_base64` with the exact bytes
+  of a line that is not valid UTF-8 (a Loki line is text: it has U+FFFD in their place);
+- `json`: the line is the whole record (`records.ContainerEncoder`, in `records.schema`
+  and with its `invalid_utf8` rule);
+- `none`: the line is the message, nothing else (invalid UTF-8 as U+FFFD).
 
 Items and groups. A batch keeps the items of one `ItemEncoder.group` together, and the
 group is fixed per encoder, that is per container. When `stream` is a label, one container
@@ -36,6 +39,7 @@ lines with equal times.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from bisect import bisect_left
@@ -119,7 +123,7 @@ def _json_members(pairs: dict[str, str]) -> bytes:
 class LokiEncoder:
     """The values of one container's lines (see the module docstring for the item bytes)."""
 
-    __slots__ = ("_heads", "_line", "_record", "_tails", "group")
+    __slots__ = ("_exact", "_heads", "_metadata", "_record", "_tails", "group")
 
     def __init__(self, codec: LokiCodec, meta: ContainerMeta) -> None:
         fixed = label_values(meta)
@@ -127,29 +131,39 @@ class LokiEncoder:
         self.group: bytes = _json_members(labels)
         mode = codec.metadata_mode
         self._record = ContainerEncoder(meta, codec.fmt) if mode == "json" else None
-        # Per stream: the bytes up to the line; per (stream, partial): what follows it.
+        self._exact = mode == "structured" and codec.fmt.invalid_utf8 != "replace"
+        # Per stream: the bytes up to the line; per (stream, partial): the structured
+        # metadata object (b"" for none) and what follows the line.
         self._heads = {s: _TAG[s] + b'["%019d",%s' for s in _TAG}
+        self._metadata: dict[tuple[int, bool], bytes] = {}
         self._tails: dict[tuple[int, bool], bytes] = {}
         for stream in _TAG:
             for partial in (False, True):
-                self._tails[stream, partial] = self._tail(codec, meta, fixed, labels,
-                                                          stream, partial)
-
-    @staticmethod
-    def _tail(codec: LokiCodec, meta: ContainerMeta, fixed: dict[str, str],
-              labels: dict[str, str], stream: int, partial: bool) -> bytes:
-        if codec.metadata_mode != "structured":
-            return b"]"
-        metadata = codec.structured_metadata(meta, fixed, labels, stream, partial)
-        if not metadata:
-            return b"]"
-        return b"," + orjson.dumps(metadata) + b"]"
+                metadata = b""
+                if mode == "structured":
+                    fields = codec.structured_metadata(meta, fixed, labels, stream, partial)
+                    metadata = orjson.dumps(fields) if fields else b""
+                self._metadata[stream, partial] = metadata
+                self._tails[stream, partial] = (b"," + metadata if metadata else b"") + b"]"
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
         if self._record is not None:
             message = self._record.encode(time_ns, stream, message, partial)
-        line = orjson.dumps(message.decode("utf-8", "replace"))
+        try:
+            line = orjson.dumps(message.decode("utf-8"))
+        except UnicodeDecodeError:
+            line = orjson.dumps(message.decode("utf-8", "replace"))
+            if self._exact:
+                return self._heads[stream] % (time_ns, line) + self._exact_tail(
+                    stream, partial, message)
         return self._heads[stream] % (time_ns, line) + self._tails[stream, partial]
+
+    def _exact_tail(self, stream: int, partial: bool, message: bytes) -> bytes:
+        """Structured metadata with `message_base64`: the exact bytes of a line that is not
+        valid UTF-8 (`records.invalid_utf8` base64 or escape; a Loki line must be text)."""
+        metadata = self._metadata[stream, partial]
+        opening = metadata[:-1] + b"," if metadata else b"{"
+        return (b"," + opening + b'"message_base64":"' + base64.b64encode(message) + b'"}]')
 
 
 class LokiCodec:

@@ -14,11 +14,14 @@ namespace and node labels when `records` asks for them); label keys are never de
 A log record is what the OpenTelemetry Collector's filelog receiver makes of a container
 log line with its `container` parser: `timeUnixNano` the capture time,
 `observedTimeUnixNano` the same (the agent observed the line as it was written), `body`
-the message as a string (bytes that are not UTF-8 become U+FFFD, the JSON mapping needs
-a string; nothing extra is counted), attributes `log.iostream` (stdout|stderr) and
+the message as a string, attributes `log.iostream` (stdout|stderr) and
 `logtag` ("F" for a whole line, "P" for a piece of a line split at the maximum length or
 flushed without its newline: the CRI log tag the container parser also sets).
 `severityText`/`severityNumber` are left unset, as that parser leaves them.
+
+A line that is not valid UTF-8 (an OTLP string must be) has U+FFFD in place of the
+invalid bytes with `records.invalid_utf8: replace` (nothing extra is counted); with
+`base64` or `escape` its body is a `bytesValue` holding the exact bytes instead.
 
 Answers, per the OTLP specification (opentelemetry-proto docs/specification.md, "OTLP/HTTP
 Response"): 200 is success, possibly partial (`partialSuccess.rejectedLogRecords`: those
@@ -29,6 +32,7 @@ parse) must not be retried.
 
 from __future__ import annotations
 
+import base64
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -49,6 +53,7 @@ SCOPE_NAME = "podtap"
 
 _STREAM_NAMES = {STDOUT: b"stdout", STDERR: b"stderr"}
 _HEAD = b'{"timeUnixNano":"%d","observedTimeUnixNano":"%d","body":{"stringValue":%s}'
+_HEAD_BYTES = b'{"timeUnixNano":"%d","observedTimeUnixNano":"%d","body":{"bytesValue":"%s"}'
 
 
 def _scope_version() -> str:
@@ -90,15 +95,22 @@ _TAILS = {(stream, partial): _attributes(stream, partial)
 class OtlpEncoder:
     """The log records of one container; `group` opens its ResourceLogs up to the records."""
 
-    __slots__ = ("group",)
+    __slots__ = ("_exact", "group")
 
     def __init__(self, meta: ContainerMeta, fmt: RecordFormat, scope: bytes) -> None:
         resource = orjson.dumps({"attributes": resource_attributes(meta, fmt)})
         self.group: bytes = (b'{"resource":' + resource + b',"scopeLogs":[{"scope":' + scope
                              + b',"logRecords":[')
+        self._exact = fmt.invalid_utf8 != "replace"
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
-        body = orjson.dumps(message.decode("utf-8", "replace"))
+        try:
+            body = orjson.dumps(message.decode("utf-8"))
+        except UnicodeDecodeError:
+            if self._exact:
+                return (_HEAD_BYTES % (time_ns, time_ns, base64.b64encode(message))
+                        + _TAILS[stream, partial])
+            body = orjson.dumps(message.decode("utf-8", "replace"))
         return _HEAD % (time_ns, time_ns, body) + _TAILS[stream, partial]
 
 

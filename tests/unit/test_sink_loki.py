@@ -4,6 +4,8 @@ real HTTP transport (aiohttp, gzip): what Loki stores, and how its answers are r
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -426,3 +428,59 @@ def test_gzip_reaches_loki(fresh: FakeLoki) -> None:
 def test_url_gets_the_push_path() -> None:
     for url in ("http://loki:3100", "http://loki:3100/"):
         assert LokiCodec(sink_cfg(url), RecordFormat()).url == "http://loki:3100/loki/api/v1/push"
+
+
+# --- lines that are not valid UTF-8 ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["base64", "escape"])
+def test_exact_bytes_of_invalid_utf8_in_structured_metadata(fresh: FakeLoki, mode: str) -> None:
+    cfg = sink_cfg(fresh.url)
+    codec = LokiCodec(cfg, RecordFormat(invalid_utf8=mode))  # type: ignore[arg-type]
+    enc = codec.encoder(META)
+    t = now_ns()
+    raw = b"bad \xff\xfe tail \xe2\x82"
+    batch = batch_of([(enc, t, 1, raw, False), (enc, t + 1, 1, b"ok", True)])
+    response, _ = push(codec, cfg, batch)
+    assert response.status == 204
+    bad, ok = fresh.entries()
+    assert bad.line == raw.decode("utf-8", "replace")
+    assert base64.b64decode(bad.metadata["message_base64"]) == raw
+    assert {k: v for k, v in bad.metadata.items() if k != "message_base64"} == {
+        k: v for k, v in ok.metadata.items() if k != "partial"}
+    assert "message_base64" not in ok.metadata and ok.metadata["partial"] == "true"
+
+
+@given(st.binary(max_size=40), st.sampled_from(["base64", "escape"]), st.booleans())
+def test_exact_bytes_survive_for_any_line(raw: bytes, mode: str, with_labels: bool) -> None:
+    labels = {"k": "v"} if with_labels else {}
+    cfg = sink_cfg("http://127.0.0.1:1", labels=("namespace", "stream", "pod_uid", "job",
+                                                "container_id", "image", "node", "pod",
+                                                "container", "app"))
+    codec = LokiCodec(cfg, RecordFormat(invalid_utf8=mode))  # type: ignore[arg-type]
+    enc = codec.encoder(replace(META, labels=labels, owner_kind=None))
+    (stream,) = orjson.loads(codec.body(batch_of([(enc, 1, 2, raw, False)])))["streams"]
+    (value,) = stream["values"]
+    metadata = value[2] if len(value) == 3 else {}
+    try:
+        raw.decode("utf-8")
+        assert value[1] == raw.decode() and "message_base64" not in metadata
+    except UnicodeDecodeError:
+        assert base64.b64decode(metadata["message_base64"]) == raw
+
+
+def test_replace_mode_sends_no_copy_of_the_bytes(fresh: FakeLoki) -> None:
+    cfg = sink_cfg(fresh.url)
+    codec = LokiCodec(cfg, RecordFormat())
+    push(codec, cfg, batch_of([(codec.encoder(META), now_ns(), 1, b"\xff", False)]))
+    (entry,) = fresh.entries()
+    assert entry.line == "\ufffd" and "message_base64" not in entry.metadata
+
+
+def test_json_mode_escape_gives_the_bytes_back(fresh: FakeLoki) -> None:
+    cfg = sink_cfg(fresh.url, metadata="json")
+    codec = LokiCodec(cfg, RecordFormat(invalid_utf8="escape"))
+    raw = b"x\xc3(\xff"
+    push(codec, cfg, batch_of([(codec.encoder(META), now_ns(), 1, raw, False)]))
+    (entry,) = fresh.entries()
+    assert json.loads(entry.line)["message"].encode("utf-8", "surrogateescape") == raw

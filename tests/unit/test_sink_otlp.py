@@ -256,3 +256,28 @@ def test_records_are_official_log_records(fresh: FakeOtlpReceiver) -> None:
     assert isinstance(record, OtlpRecord)
     assert record.body == "\ufffd\ufffd"
     assert not record.record.trace_id and not record.record.span_id
+
+
+@pytest.mark.parametrize("mode", ["base64", "escape"])
+def test_exact_bytes_as_bytes_value(fresh: FakeOtlpReceiver, mode: str) -> None:
+    cfg = sink_cfg(fresh.url)
+    codec = OtlpCodec(cfg, RecordFormat(invalid_utf8=mode))  # type: ignore[arg-type]
+    enc = codec.encoder(META)
+    raw = b"bad \xff\xfe tail \xe2\x82"
+    export(codec, cfg, batch_of([(enc, 7, 2, raw, True), (enc, 8, 1, "ok ✓".encode(), False)]))
+    bad, ok = fresh.records()
+    assert bad.body == raw and bad.attributes == {"log.iostream": "stderr", "logtag": "P"}
+    assert bad.record.time_unix_nano == 7 == bad.record.observed_time_unix_nano
+    assert ok.body == "ok ✓"
+
+
+@given(st.binary(max_size=40))
+def test_exact_bytes_for_any_line(raw: bytes) -> None:
+    codec = OtlpCodec(sink_cfg("http://127.0.0.1:1"), RecordFormat(invalid_utf8="base64"))
+    body = codec.body(batch_of([(codec.encoder(META), 1, 1, raw, False)]))
+    request = json_format.Parse(body, ExportLogsServiceRequest())
+    value = request.resource_logs[0].scope_logs[0].log_records[0].body
+    try:
+        assert value.string_value == raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert value.bytes_value == raw
