@@ -91,16 +91,18 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
 
 def cmd_check(_args: argparse.Namespace) -> int:
+    """Report what the node offers against what the BPF program uses; changes nothing."""
     from agent.capture.host import run_checks
 
     results = run_checks()
     for r in results:
-        mark = "ok  " if r.ok else "FAIL"
+        mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
         print(f"[{mark}] {r.name}: {r.detail}")
         if not r.ok and r.remedy:
             print(f"       remedy: {r.remedy}")
     failed = [r for r in results if not r.ok]
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    warned = sum(1 for r in results if r.ok and r.warning)
+    print(f"{len(results) - len(failed)} passed ({warned} with warnings), {len(failed)} failed")
     return 1 if failed else 0
 
 

@@ -106,6 +106,13 @@ def _cache_dir(path: Path) -> Path:
     return path
 
 
+def _planned_tree(cache: Path, version: str, arch: str) -> str:
+    """Where the merged tree is or will be; the cache is checked if it exists already."""
+    if cache.exists():
+        check_trusted_dir(cache)
+    return str(cache / f"{version}-{arch}")
+
+
 def _put_aside(tree: Path) -> None:
     """Move a stale tree out of the way under a unique name, then remove it."""
     aside = Path(tempfile.mkdtemp(prefix=f"{tree.name}.stale-", dir=tree.parent))
@@ -147,8 +154,11 @@ def find_kernel_headers(
     release: str | None = None,
     cache_dir: str = DEFAULT_CACHE_DIR,
     host_root: str = "/",
+    merge: bool = True,
 ) -> KernelHeaders:
-    """Find (or build) a header tree for bcc; raise HeadersError with a remedy if none."""
+    """Find (or build) a header tree for bcc; raise HeadersError with a remedy if none.
+    With merge=False nothing is written: Debian headers are reported with the path they
+    would be merged to (`podtap check`)."""
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
         if _is_header_tree(Path(env)):
@@ -164,6 +174,8 @@ def find_kernel_headers(
     pairs = _debian_pairs(root / "usr/src", arch)
     if pairs:
         version, common, arch_dir = pairs[0]
+        if not merge:
+            return KernelHeaders(_planned_tree(Path(cache_dir), version, arch), "debian")
         dest = _cache_dir(Path(cache_dir)) / f"{version}-{arch}"
         return KernelHeaders(str(merge_debian_headers(common, arch_dir, dest)), "debian")
     raise HeadersError(
