@@ -322,7 +322,8 @@ class SinkBuffer:
         self.drops = RateLimitedLog("buffers full: dropped the newest", name)
         self.io_errors = RateLimitedLog("disk buffer write failed for", name)
         self._disk_entries = 0
-        self._mem_bytes = 0
+        self._mem_bytes = 0  # batches held in memory (whatever their home)
+        self._mem_home_bytes = 0  # entries whose only copy is in memory
         self._disk_bytes = 0
         self._pending_bytes = 0
         self.next_seq = 1
@@ -379,6 +380,7 @@ class SinkBuffer:
         elif self._disk_entries == 0 and self._mem_bytes + batch.nbytes <= self.cfg.memory_bytes:
             entry = Entry(None, batch, home_disk=False, size=0, written=False)
             self._hold(entry, batch)
+            self._mem_home_bytes += batch.nbytes
             self.entries[batch.seq] = entry
         elif self.store is not None and self._disk_fits(batch):
             self._append_to_disk(batch)
@@ -423,13 +425,15 @@ class SinkBuffer:
 
     def _write_failed(self, entry: Entry, error: BaseException) -> None:
         """The disk failed (full file system, I/O error): keep the batch in memory when
-        memory has room (or it is being sent), else drop it like any batch that fits nowhere."""
+        memory has room (or it is being sent), else drop it like any batch that fits nowhere.
+        Writes finish in seq order, so the older batches get the room first."""
         self.io_errors.add(self.monotonic(), entry.records, entry.nbytes)
         log.debug("sink %s: disk write of batch %d: %s", self.name, entry.seq, error)
         self._disk_entries -= 1
         self._disk_bytes -= entry.size
         entry.home_disk, entry.size = False, 0
-        if entry.sending or self._mem_bytes <= self.cfg.memory_bytes:
+        self._mem_home_bytes += entry.nbytes
+        if entry.sending or self._mem_home_bytes <= self.cfg.memory_bytes:
             return
         batch = entry.batch
         self._remove(entry)
@@ -451,7 +455,7 @@ class SinkBuffer:
                 break
             if entry.sending:
                 continue
-            if self.always and not entry.written:
+            if self.always and entry.home_disk and not entry.written:
                 break
             entry.sending = True
             out.append(entry)
@@ -487,6 +491,8 @@ class SinkBuffer:
         entry.sending = False
         replaced = entry.batch is not batch
         self._hold(entry, batch)
+        if not entry.home_disk:
+            self._mem_home_bytes += batch.nbytes - entry.nbytes
         entry.records, entry.nbytes = batch.records, batch.nbytes
         if entry.home_disk and replaced and self.store is not None:
             size = encoded_size(batch)
@@ -504,7 +510,9 @@ class SinkBuffer:
         if self.entries.pop(entry.seq, None) is None:
             return
         self._hold(entry, None)
-        if entry.home_disk and self.store is not None:
+        if not entry.home_disk:
+            self._mem_home_bytes -= entry.nbytes
+        elif self.store is not None:
             self._disk_entries -= 1
             self._disk_bytes -= entry.size
             loop = asyncio.get_running_loop()
@@ -534,10 +542,10 @@ class SinkBuffer:
             if entry.home_disk or entry.batch is None:
                 continue
             size = encoded_size(entry.batch)
-            if self.store is not None and size <= room:
+            if self.store is not None and size <= room and not lost:
                 keep.append(entry.batch)
                 room -= size
-            else:
+            else:  # the newest are dropped
                 lost.append(entry.batch)
         loop = asyncio.get_running_loop()
         if self.store is not None:
