@@ -12,10 +12,20 @@
  * Kernel struct offsets come from the running kernel's BTF as -D defines
  * (agent/capture/btf.py): no layout is taken from the headers bcc compiles
  * against.  Defines supplied by the agent: OFF_*, MAX_WRITE, CHUNK (power of
- * two), MAX_ITERS, NCPUS, RINGBUF_PAGES, MAX_CONTAINERS, SELF_TGID and,
+ * two), MAX_ITERS, NCPUS (the *possible* CPU count: CPU ids index the scratch
+ * array), RINGBUF_PAGES, MAX_CONTAINERS, SELF_TGID and,
  * OFF_ARG0..2 (syscall arguments in struct pt_regs), and optionally
  * PODS_ROOT_ID / PODS_ROOT_LEVEL with the offsets of the
- * cgroup_mkdir tracepoint's fields (TP_MKDIR_*, read from its tracefs format).
+ * cgroup_mkdir tracepoint's fields (TP_MKDIR_*, read from its tracefs format),
+ * TP_EXIT_GROUP_DEAD (offset of sched_process_exit's group_dead field, kernels
+ * >= 6.16) or else OFF_TASK_SIGNAL / OFF_SIGNAL_LIVE (task_struct.signal,
+ * signal_struct.live), and OFF_REGS_CS (pt_regs.cs, x86_64: 32-bit programs).
+ *
+ * Gaps: every byte of a watched stream that is not put in the ring buffer
+ * (dropped, not readable, moved in the kernel, a failed tail call) is counted
+ * and marks its (process, stream) in `lost`; the next record of that pair that
+ * makes it into the ring buffer carries F_LOSS, exactly once per gap, so the
+ * agent ends the pending line there instead of joining bytes across the gap.
  */
 #include "podtap.h"
 
@@ -65,7 +75,8 @@ BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
 /* Stream identities taken in the kernel at the first exec inside a cgroup (see
  * on_process_exec), for containers whose identities userspace does not know yet. */
 BPF_TABLE("lru_hash", u64, struct container, learned_idents, 4096);
-BPF_TABLE("lru_hash", u32, u8, lost, 16384);
+/* (tgid << 32 | stream) -> 1: bytes of that pair were lost since its last record. */
+BPF_TABLE("lru_hash", u64, u8, lost, 65536);
 BPF_ARRAY(scratch, struct copy_state, NCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -76,6 +87,36 @@ static __always_inline void count(u32 idx, u64 n)
     u64 *v = counters.lookup(&idx);
     if (v)
         *v += n;
+}
+
+static __always_inline u64 lost_key(u32 tgid, u8 stream)
+{
+    return ((u64)tgid << 32) | stream;
+}
+
+static __always_inline void mark_lost(u32 tgid, u8 stream)
+{
+    u64 key = lost_key(tgid, stream);
+    u8 one = 1;
+    lost.update(&key, &one);
+}
+
+/* Whether a gap of (tgid, stream) is still to be told; told once. */
+static __always_inline int take_lost(u32 tgid, u8 stream)
+{
+    u64 key = lost_key(tgid, stream);
+    if (!lost.lookup(&key))
+        return 0;
+    lost.delete(&key);
+    return 1;
+}
+
+static __always_inline void forget_lost(u32 tgid)
+{
+    u64 key = lost_key(tgid, STREAM_STDOUT);
+    lost.delete(&key);
+    key = lost_key(tgid, STREAM_STDERR);
+    lost.delete(&key);
 }
 
 static __always_inline u64 read_ptr(u64 addr)
@@ -208,7 +249,9 @@ static __always_inline void *current_regs(void)
     return (void *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
 }
 
-/* Send data[0..fill) as one record. */
+/* Send data[0..fill) as one record.  F_LOSS stays set in the header while no
+ * record made it since a gap: the next record of the write tells it, or
+ * finish_write leaves it in `lost` for the next write. */
 static __always_inline void send_chunk(struct copy_state *st)
 {
     u64 n = st->fill;
@@ -218,9 +261,6 @@ static __always_inline void send_chunk(struct copy_state *st)
     if (events.ringbuf_output(&st->hdr, EVENT_HDR_SIZE + n, 0)) {
         count(CNT_DROP_RECORDS, 1);
         count(CNT_DROP_BYTES, n);
-        u32 tgid = st->hdr.pid;
-        u8 one = 1;
-        lost.update(&tgid, &one);
         st->hdr.flags |= F_LOSS;
     } else {
         count(CNT_RECORDS, 1);
@@ -280,7 +320,8 @@ static __always_inline int copy_unfinished(struct copy_state *st)
     return st->left && (st->seg_left || st->idx < st->vlen);
 }
 
-/* Account what was not copied and send the last record of the write. */
+/* Account what was not copied and send the last record of the write (empty
+ * when only its F_TRUNCATED is left to tell); a gap not told yet goes to `lost`. */
 static __always_inline void finish_write(struct copy_state *st)
 {
     u64 missing = st->left + st->missing;
@@ -288,26 +329,30 @@ static __always_inline void finish_write(struct copy_state *st)
         count(CNT_TRUNC_BYTES, missing);
         st->hdr.flags |= F_TRUNCATED;
     }
-    if (st->fill || missing)
+    if (st->fill || (st->hdr.flags & F_TRUNCATED))
         send_chunk(st);
+    if (st->hdr.flags & F_LOSS)
+        mark_lost(st->hdr.pid, st->hdr.stream);
 }
 
 /* Copy the first `ret` bytes of the call's buffer(s) into the ring buffer. */
 static __always_inline int emit(void *ctx, struct pending *p, s64 ret)
 {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 cpu = bpf_get_smp_processor_id();
     struct copy_state *st = scratch.lookup(&cpu);
-    if (!st)
+    if (!st) {
+        count(CNT_SCRATCH_MISS, 1);
+        count(CNT_SCRATCH_MISS_BYTES, ret);
+        mark_lost(tgid, p->stream);
         return 0;
+    }
 
     u64 total = ret;
     u64 limit = total > MAX_WRITE ? MAX_WRITE : total;
     u8 flags = p->flags;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (lost.lookup(&tgid)) {
+    if (take_lost(tgid, p->stream))
         flags |= F_LOSS;
-        lost.delete(&tgid);
-    }
 
     st->left = limit;
     st->fill = 0;
@@ -336,7 +381,9 @@ static __always_inline int emit(void *ctx, struct pending *p, s64 ret)
     st->missing = total - limit;
     /* The copy loop lives in one program (verified once), reached by tail call. */
     tails.call(ctx, 0);
-    count(CNT_FAULT_BYTES, limit); /* only if the tail call failed */
+    /* Only if the tail call failed: nothing of the write was sent. */
+    count(CNT_TAIL_FAIL_BYTES, total);
+    mark_lost(tgid, p->stream);
     return 0;
 }
 
@@ -360,9 +407,11 @@ static __always_inline int capture(void *ctx, s64 ret, u8 kind, u32 fd_arg, u32 
     u8 stream = stream_of(c, cflags, syscall_arg(regs, fd_arg), &flags);
     if (!stream)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (kind == K_UNCAPT) {
         count(CNT_UNCAPT_BYTES, ret);
         count(CNT_UNCAPT_CALLS, 1);
+        mark_lost(tgid, stream); /* a gap in the stream all the same */
         return 0;
     }
     struct pending p = {};
@@ -372,8 +421,11 @@ static __always_inline int capture(void *ctx, s64 ret, u8 kind, u32 fd_arg, u32 
     p.flags = flags;
     if (ptr_arg == ARG_MSGHDR) {
         u64 hdr[4] = {};
-        if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)syscall_arg(regs, OFF_ARG1)))
+        if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)syscall_arg(regs, OFF_ARG1))) {
+            count(CNT_FAULT_BYTES, ret);
+            mark_lost(tgid, stream);
             return 0;
+        }
         p.ptr = hdr[2];
         p.vlen = hdr[3];
     } else {
@@ -389,8 +441,13 @@ int copy_more(void *ctx)
 {
     u32 cpu = bpf_get_smp_processor_id();
     struct copy_state *st = scratch.lookup(&cpu);
-    if (!st)
+    if (!st) { /* emit() found it on this CPU: not expected */
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        count(CNT_SCRATCH_MISS, 1);
+        mark_lost(tgid, STREAM_STDOUT);
+        mark_lost(tgid, STREAM_STDERR);
         return 0;
+    }
     copy_loop(st);
     if (copy_unfinished(st))
         tails.call(ctx, 0);
@@ -419,8 +476,46 @@ EXIT_PROGRAM(exit_uncapt_arg0, K_UNCAPT, OFF_ARG0, ARG_NONE, ARG_NONE)
 EXIT_PROGRAM(exit_uncapt_arg1, K_UNCAPT, OFF_ARG1, ARG_NONE, ARG_NONE)
 EXIT_PROGRAM(exit_uncapt_arg2, K_UNCAPT, OFF_ARG2, ARG_NONE, ARG_NONE)
 
-/* io_uring can write to a pipe without any write syscall: the bytes are not
- * visible here, so count the calls of watched processes. */
+#define MMSG_MAX 1024     /* UIO_MAXIOV: sendmmsg sends at most this many messages */
+#define MMSGHDR_SIZE 64   /* struct mmsghdr: msghdr (56), msg_len (4), padding */
+#define MMSG_LEN_OFF 56
+
+/* sendmmsg(fd, mmsghdr *vec, vlen, flags) returned the number of messages
+ * sent; each one's msg_len says its bytes.  Not copied (datagrams to a
+ * container's stdout socket are rare): counted, and a gap in the stream. */
+int exit_sendmmsg(struct sys_exit_ctx *ctx)
+{
+    s64 ret = ctx->ret;
+    if (ret <= 0)
+        return 0;
+    u64 cgid = 0;
+    u32 cflags = 0;
+    struct container *c = 0;
+    if (!writer_watched(&cgid, &cflags, &c))
+        return 0;
+    void *regs = current_regs();
+    u8 flags = 0;
+    u8 stream = stream_of(c, cflags, syscall_arg(regs, OFF_ARG0), &flags);
+    if (!stream)
+        return 0;
+    u64 vec = syscall_arg(regs, OFF_ARG1);
+    u64 bytes = 0;
+    for (int i = 0; i < MMSG_MAX && i < ret; i++) {
+        u32 len = 0;
+        if (bpf_probe_read_user(&len, sizeof(len), (void *)(vec + i * MMSGHDR_SIZE + MMSG_LEN_OFF)))
+            break;
+        bytes += len;
+    }
+    count(CNT_UNCAPT_BYTES, bytes);
+    count(CNT_UNCAPT_CALLS, 1);
+    count(CNT_UNCAPT_MSGS, ret);
+    mark_lost(bpf_get_current_pid_tgid() >> 32, stream);
+    return 0;
+}
+
+/* io_uring (io_uring_enter) and Linux AIO (io_submit) can write to a pipe
+ * without any write syscall: the bytes are not visible here, so count the
+ * calls of watched processes. */
 int exit_io_uring(struct sys_exit_ctx *ctx)
 {
     u64 cgid = bpf_get_current_cgroup_id();
@@ -430,12 +525,30 @@ int exit_io_uring(struct sys_exit_ctx *ctx)
     return 0;
 }
 
+/* Whether the exiting task is the last of its thread group (the process ends). */
+static __always_inline int group_dead(void *ctx, u32 tgid, u32 tid)
+{
+#if defined(TP_EXIT_GROUP_DEAD)
+    return *(u8 *)((char *)ctx + TP_EXIT_GROUP_DEAD) != 0;
+#elif defined(OFF_TASK_SIGNAL) && defined(OFF_SIGNAL_LIVE)
+    /* do_exit() decrements signal->live before this tracepoint. */
+    u64 signal = read_ptr(bpf_get_current_task() + OFF_TASK_SIGNAL);
+    int live = 1;
+    bpf_probe_read_kernel(&live, sizeof(live), (void *)(signal + OFF_SIGNAL_LIVE));
+    return live == 0;
+#else
+    return tid == tgid; /* approximation: the main thread */
+#endif
+}
+
+/* sched:sched_process_exit, for every exiting task: EV_EXIT when the process
+ * ends (its last thread), EV_THREAD_EXIT for a thread of a process that lives
+ * on.  A lost EV_EXIT marks both streams of the pid lost, so that a process
+ * that reuses the pid never continues the old one's lines. */
 int on_process_exit(void *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if ((u32)id != tgid)
-        return 0; /* a thread, not the process */
     u64 cgid = bpf_get_current_cgroup_id();
     struct container *c = containers.lookup(&cgid);
     if (!c) {
@@ -446,10 +559,16 @@ int on_process_exit(void *ctx)
         return 0;
 #endif
     }
-    lost.delete(&tgid);
+    int dead = group_dead(ctx, tgid, (u32)id);
+    if (dead)
+        forget_lost(tgid);
     struct event_hdr *e = events.ringbuf_reserve(sizeof(struct event_hdr));
     if (!e) {
         count(CNT_DROP_EXITS, 1);
+        if (dead) {
+            mark_lost(tgid, STREAM_STDOUT);
+            mark_lost(tgid, STREAM_STDERR);
+        }
         return 0;
     }
     e->ts_ns = bpf_ktime_get_boot_ns();
@@ -457,12 +576,12 @@ int on_process_exit(void *ctx)
     e->pid = tgid;
     e->tid = (u32)id;
     e->len = 0;
-    e->type = EV_EXIT;
+    e->type = dead ? EV_EXIT : EV_THREAD_EXIT;
     e->stream = 0;
     e->flags = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     events.ringbuf_submit(e, 0);
-    count(CNT_EXITS, 1);
+    count(dead ? CNT_EXITS : CNT_THREAD_EXITS, 1);
     return 0;
 }
 
@@ -506,15 +625,33 @@ int on_cgroup_mkdir(void *ctx)
  * container's writes until userspace knows them (a container not in the map
  * yet, or one put in the map before it had a process), so its stderr is not
  * taken for stdout after a dup2. */
+static __always_inline void count_compat_exec(void)
+{
+#ifdef OFF_REGS_CS
+    /* The new program runs in 32-bit mode (cs = __USER32_CS): the syscall
+     * tracepoints never see its writes (x86 ignores compat syscalls there). */
+    u64 cs = 0;
+    bpf_probe_read_kernel(&cs, sizeof(cs), (char *)current_regs() + OFF_REGS_CS);
+    if ((cs & 0xffff) == 0x23)
+        count(CNT_COMPAT_EXECS, 1);
+#endif
+}
+
 int on_process_exec(void *ctx)
 {
     u64 cgid = bpf_get_current_cgroup_id();
     struct container *c = containers.lookup(&cgid);
     if (c) {
-        if (c->flags & C_IDENT_KNOWN || (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+        if ((bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+            return 0;
+        if (c->flags & (C_CAPTURE_STDOUT | C_CAPTURE_STDERR))
+            count_compat_exec();
+        if (c->flags & C_IDENT_KNOWN)
             return 0;
     } else if (!under_pods_root()) {
         return 0;
+    } else {
+        count_compat_exec();
     }
     struct container v = {};
     if (fd_ident(1, &v.out_dev, &v.out_ino) || fd_ident(2, &v.err_dev, &v.err_ino))
