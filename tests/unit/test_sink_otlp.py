@@ -5,9 +5,11 @@ how the receiver's answers are read."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,12 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-from agent.config import SinkConfig
+from agent.config import BatchConfig, RetryConfig, SinkConfig
 from agent.kube.model import ContainerMeta
 from agent.records import RecordFormat
-from agent.sinks.base import Batch, Outcome, Response
+from agent.sinks.base import Batch, Enriched, Origin, Outcome, Response
 from agent.sinks.http import HttpTransport
 from agent.sinks.otlp import RETRYABLE_STATUSES, OtlpCodec, OtlpEncoder
+from agent.sinks.runner import BatchingSink
 from tests.simnode.otlp import FakeOtlpReceiver, OtlpRecord
 
 META = ContainerMeta(
@@ -281,3 +284,55 @@ def test_exact_bytes_for_any_line(raw: bytes) -> None:
         assert value.string_value == raw.decode("utf-8")
     except UnicodeDecodeError:
         assert value.bytes_value == raw
+
+
+def test_batching_sink_with_partial_success_and_outage(fresh: FakeOtlpReceiver,
+                                                      tmp_path: Path) -> None:
+    """OtlpCodec in the real runner and transport: a receiver that is down, then answers
+    503, then accepts all but 2 records of one request; every record is delivered or
+    dead-lettered exactly once."""
+    cfg = replace(
+        sink_cfg(fresh.url),
+        batch=BatchConfig(max_bytes=4096, max_records=20, max_age_s=0.02),
+        retry=RetryConfig(initial_backoff_s=0.01, max_backoff_s=0.05),
+        dead_letter_dir=str(tmp_path / "dead"),
+        max_in_flight=1,
+    )
+    codec = OtlpCodec(cfg, RecordFormat())
+    transport = HttpTransport(cfg, codec.url, codec.content_type, codec.extra_headers)
+    origins = [Origin(1, META, 1), Origin(2, OTHER, 1)]
+    lines: list[Enriched] = [(origins[i % 2], 1_000 + i, 1 + i % 2, f"r{i}".encode(), False)
+                             for i in range(100)]
+
+    async def scenario() -> BatchingSink:
+        sink = BatchingSink("otlp", 0, cfg, codec, transport)
+        runner = asyncio.create_task(sink.run())
+        fresh.down()
+        sink.put(lines[:50])
+        deadline = time.monotonic() + 60
+        while sink.stats.failures.get("transport", 0) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        fresh.fail_next(1, status=503, retry_after="0")
+        fresh.partial_success(2, "dropped by policy")
+        fresh.up()
+        sink.put(lines[50:])
+        while (sink.stats.records_sent + sink.stats.dead_records < len(lines)
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.02)
+        await sink.close(5.0)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        return sink
+
+    sink = asyncio.run(scenario())
+    assert sink.stats.records_sent == 98 and sink.stats.dead_records == 2
+    received = sorted(r.body for r in fresh.records())
+    assert len(received) == 98 and len(set(received)) == 98
+    letters = [orjson.loads(line)
+               for f in (tmp_path / "dead").iterdir() for line in f.read_bytes().splitlines()]
+    assert len(letters) == 2
+    assert all("dropped by policy" in letter["reason"] for letter in letters)
+    dead_bodies = {orjson.loads(letter["item"])["body"]["stringValue"] for letter in letters}
+    assert dead_bodies.isdisjoint(received)
+    assert {f"r{i}" for i in range(100)} == dead_bodies | set(received)
