@@ -94,6 +94,7 @@ class BulkItemEncoder:
         "_hash",
         "_head",
         "_last_ns",
+        "_plain",
         "_record",
         "group",
     )
@@ -110,6 +111,7 @@ class BulkItemEncoder:
         self._record = ContainerEncoder(meta, fmt).encode
         self._dated = dated
         self._head = b'{"' + op + b'":{'  # the action up to its members
+        self._plain = self._head + b"}}\n"  # the whole action line without _index or _id
         self._day = -1
         self._day_head = b""
         self._hash = (
@@ -123,6 +125,8 @@ class BulkItemEncoder:
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
         record = self._record(time_ns, stream, message, partial)
+        if self._hash is None and self._dated is None:  # the default: a data stream
+            return b"".join((self._plain, record, b"\n"))
         if self._dated is not None:
             day = time_ns // _NS_PER_DAY
             if day != self._day:
@@ -133,8 +137,6 @@ class BulkItemEncoder:
                 return head + b"}}\n" + record + b"\n"
             doc_id = self._doc_id(time_ns, stream, message, partial)
             return head + b',"_id":"' + doc_id + b'"}}\n' + record + b"\n"
-        if self._hash is None:
-            return self._head + b"}}\n" + record + b"\n"
         doc_id = self._doc_id(time_ns, stream, message, partial)
         return self._head + b'"_id":"' + doc_id + b'"}}\n' + record + b"\n"
 
