@@ -224,6 +224,19 @@ class DiskStore:
     def delete(self, seq: int) -> None:
         self._conn().execute("DELETE FROM batches WHERE seq = ?", (seq,))
 
+    def delete_many(self, seqs: list[int], shrink: bool) -> None:
+        """Delete in one transaction (one commit, one sync with fsync on); then `shrink`."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM batches WHERE seq = ?", [(seq,) for seq in seqs])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if shrink:
+            self.shrink()
+
     def shrink(self) -> None:
         """Give the free pages back to the file system (when the buffer is empty), if there
         are enough of them to be worth the checkpoint's syncs."""
@@ -327,6 +340,9 @@ class SinkBuffer:
         self._disk_bytes = 0
         self._pending_bytes = 0
         self.next_seq = 1
+        # Deletes wait here while the previous ones are being done: one commit for many.
+        self._deletes: list[int] = []
+        self._deleting = False
         self.store: DiskStore | None = None
         if cfg.disk_dir:
             self.store = DiskStore(os.path.join(cfg.disk_dir, name), cfg.fsync)
@@ -515,12 +531,23 @@ class SinkBuffer:
         elif self.store is not None:
             self._disk_entries -= 1
             self._disk_bytes -= entry.size
-            loop = asyncio.get_running_loop()
-            loop.run_in_executor(self.io, self.store.delete, entry.seq).add_done_callback(
-                self._log_io_error)
-            if self._disk_entries == 0:
-                loop.run_in_executor(self.io, self.store.shrink).add_done_callback(
-                    self._log_io_error)
+            self._deletes.append(entry.seq)
+            if not self._deleting:
+                self._submit_deletes()
+
+    def _submit_deletes(self) -> None:
+        assert self.store is not None
+        seqs, self._deletes = self._deletes, []
+        self._deleting = True
+        future = asyncio.get_running_loop().run_in_executor(
+            self.io, self.store.delete_many, seqs, self._disk_entries == 0)
+        future.add_done_callback(self._deleted)
+
+    def _deleted(self, future: asyncio.Future[None]) -> None:
+        self._deleting = False
+        self._log_io_error(future)
+        if self._deletes:
+            self._submit_deletes()
 
     def _log_io_error(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -529,7 +556,10 @@ class SinkBuffer:
     # ----------------------------------------------------------------- lifecycle
     async def flushed(self) -> None:
         """Wait until every disk operation asked for so far is done."""
-        await asyncio.get_running_loop().run_in_executor(self.io, _nothing)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.io, _nothing)
+        while self._deleting or self._deletes:  # a delete job asked for on the way
+            await loop.run_in_executor(self.io, _nothing)
 
     async def close(self) -> None:
         """Persist the batches that are only in memory (with their seq, so the next start
