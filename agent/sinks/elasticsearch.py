@@ -164,7 +164,7 @@ class BulkItemEncoder:
 class ElasticsearchCodec:
     """`_bulk` requests and their answers; implements `agent.sinks.base.Codec`.
 
-    `url` and `content_type` are what the transport is built with.
+    `url`, `content_type` and `extra_headers` are what the transport is built with.
     """
 
     def __init__(self, cfg: SinkConfig, fmt: RecordFormat) -> None:
@@ -177,6 +177,7 @@ class ElasticsearchCodec:
         self._dated = _DatedIndex(es.index, self._op) if dated else None
         self.url = bulk_url(cfg.url, None if dated else es.index, es.pipeline)
         self.content_type = CONTENT_TYPE
+        self.extra_headers: dict[str, str] = {}
         self.parse_errors = 0  # 2xx answers that could not be read (retried)
 
     def encoder(self, meta: ContainerMeta) -> ItemEncoder:

@@ -249,6 +249,8 @@ class HttpTransport:
             self._headers["Content-Encoding"] = "gzip"
         self._slots = asyncio.Semaphore(cfg.max_in_flight)
         self._session: aiohttp.ClientSession | None = None
+        # Request bodies that got an answer (any status), as sent: after compression.
+        self.bytes_sent = 0
 
     def __repr__(self) -> str:
         return f"HttpTransport(url={self._display_url!r})"
@@ -266,7 +268,9 @@ class HttpTransport:
         if auth is not None:
             headers["Authorization"] = auth
         async with self._slots:
-            return await self._request("POST", self._url, self._display_url, data, headers)
+            response = await self._request("POST", self._url, self._display_url, data, headers)
+        self.bytes_sent += len(data)
+        return response
 
     async def preflight(self) -> str | None:
         """One GET of the URL's origin: None when the server answered (any status), else

@@ -34,7 +34,8 @@ class RecordItemEncoder:
 
 
 class HttpJsonCodec:
-    """Implements `agent.sinks.base.Codec`; `url` and `content_type` build the transport."""
+    """Implements `agent.sinks.base.Codec`; `url`, `content_type` and `extra_headers` build
+    the transport."""
 
     def __init__(self, cfg: SinkConfig, fmt: RecordFormat) -> None:
         if cfg.dedot_labels is not None:
@@ -43,6 +44,7 @@ class HttpJsonCodec:
         self._array = cfg.http.format == "json_array"
         self.url = cfg.url
         self.content_type = JSON if self._array else NDJSON
+        self.extra_headers: dict[str, str] = {}
 
     def encoder(self, meta: ContainerMeta) -> ItemEncoder:
         return RecordItemEncoder(meta, self._fmt)

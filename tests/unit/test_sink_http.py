@@ -182,6 +182,22 @@ def test_one_keep_alive_connection_for_sequential_requests(http_server: Recordin
     assert http_server.connections == 1
 
 
+def test_bytes_sent_counts_bodies_as_sent(http_server: RecordingServer) -> None:
+    async def main(gzip: bool) -> int:
+        t = HttpTransport(cfg(http_server.url, gzip=gzip), http_server.url, "x/y")
+        try:
+            await t.send(BODY)
+            await t.send(BODY)
+            return t.bytes_sent
+        finally:
+            await t.close()
+
+    assert asyncio.run(main(False)) == 2 * len(BODY)
+    compressed = asyncio.run(main(True))
+    assert compressed == sum(len(r.raw) for r in http_server.requests()[2:])
+    assert compressed < len(BODY)
+
+
 # --- limits --------------------------------------------------------------------------------
 
 
