@@ -43,11 +43,12 @@ EXTRA_PROGRAMS = (
 )
 
 
-def exit_defines() -> dict[str, int]:
-    """How the exit program tells a process's end from a thread's, on this kernel."""
+def exit_defines(use_tracepoint: bool = True) -> dict[str, int]:
+    """How the exit program tells a process's end from a thread's, on this kernel: the
+    tracepoint's group_dead field (kernels >= 6.16), else signal->live from BTF."""
     tracefs = tracefs_dir()
     fields = tracepoint_offsets(tracefs, "sched", "sched_process_exit") if tracefs else {}
-    if "group_dead" in fields:
+    if use_tracepoint and "group_dead" in fields:
         return {"TP_EXIT_GROUP_DEAD": fields["group_dead"]}
     btf = Btf.load("/sys/kernel/btf/vmlinux")
     return {
@@ -99,9 +100,14 @@ class Run:
 
 @contextmanager
 def running(
-    sandbox: CgroupSandbox, defines: dict[str, int] | None = None, sockets: bool = False, **cfg: int
+    sandbox: CgroupSandbox,
+    defines: dict[str, int] | None = None,
+    sockets: bool = False,
+    exits: dict[str, int] | None = None,
+    **cfg: int,
 ) -> Iterator[Run]:
-    probe = TestProbe(CaptureConfig(**cfg), {**exit_defines(), **(defines or {})})  # type: ignore[arg-type]
+    exits = exit_defines() if exits is None else exits
+    probe = TestProbe(CaptureConfig(**cfg), {**exits, **(defines or {})})  # type: ignore[arg-type]
     probe.load()
     try:
         c = sandbox.container(sockets=sockets)
@@ -342,10 +348,13 @@ libc.syscall(60, 0)  # exit(2): the main thread only, the process lives on
 """
 
 
-def test_exits_end_lines_when_the_writer_is_gone_not_before(sandbox: CgroupSandbox) -> None:
+@pytest.mark.parametrize("use_tracepoint", [True, False], ids=["group_dead", "signal_live"])
+def test_exits_end_lines_when_the_writer_is_gone_not_before(
+    sandbox: CgroupSandbox, use_tracepoint: bool
+) -> None:
     """A thread that exits ends the line it wrote last; the main thread exiting first does
     not end the process's lines; the last thread's exit does (no idle wait)."""
-    with running(sandbox) as run:
+    with running(sandbox, exits=exit_defines(use_tracepoint)) as run:
         proc = run.container.python(THREADS)
         assert proc.wait(60) == 0
         records = run.sync()
