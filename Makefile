@@ -41,6 +41,7 @@ bench: install
 	$(VPY) bench/tap_throughput.py
 	$(VPY) bench/write_cost.py
 	$(VPY) bench/agent_cpu.py
+	$(VPY) bench/codec_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

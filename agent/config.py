@@ -319,6 +319,8 @@ class ElasticsearchConfig:
 
 LOKI_LABELS = ("namespace", "pod", "container", "stream", "node", "app", "job", "pod_uid",
                "container_id", "image")
+LOKI_ALWAYS_SET = ("namespace", "pod", "container", "stream", "node", "pod_uid", "container_id",
+                   "job")
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +337,13 @@ class LokiConfig:
     def validate(self, key: str) -> None:
         for i, label in enumerate(self.labels):
             _require(label in LOKI_LABELS, f"{key}.labels[{i}]", f"one of {LOKI_LABELS}")
+        _require(
+            any(label in LOKI_ALWAYS_SET for label in self.labels),
+            f"{key}.labels",
+            f"a list with at least one label every container has ({', '.join(LOKI_ALWAYS_SET)})",
+        )
+        _require(len(self.labels) + len(self.pod_labels) <= 15, f"{key}.labels",
+                 "at most 15 labels with pod_labels (Loki's default max_label_names_per_series)")
         _require(self.metadata in ("structured", "json", "none"), f"{key}.metadata",
                  "structured, json or none")
 

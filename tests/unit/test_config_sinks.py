@@ -226,3 +226,16 @@ def test_dry_run_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "sinks.es.url" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "loki",
+    [
+        {"labels": []},
+        {"labels": ["app", "image"]},  # a pod may have neither: streams without labels
+        {"pod_labels": [f"l{i}" for i in range(11)]},  # 5 + 11 > 15
+    ],
+)
+def test_loki_label_sets_loki_would_refuse(loki: dict[str, Any]) -> None:
+    sink = {"kind": "loki", "url": "http://loki:3100", "loki": loki}
+    assert "sinks.l.loki.labels" in error({"sinks": {"l": sink}})
