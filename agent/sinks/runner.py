@@ -255,6 +255,7 @@ class BatchingSink:
     async def _send(self, entry: Entry) -> None:
         batch = await self.buffer.load(entry)
         if batch is None:  # a corrupt row on disk: counted and gone
+            self._retrying.discard(entry.seq)
             return
         try:
             body = self.codec.body(batch)

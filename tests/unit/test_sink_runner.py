@@ -660,3 +660,84 @@ def test_sink_config_variants_deliver(tmp_path: Path, mode: str) -> None:
         assert os.path.exists(tmp_path / "buf" / "test" / "buffer.db")
 
     run(body)
+
+
+def test_a_partly_accepted_batch_on_disk_keeps_only_the_remainder(tmp_path: Path) -> None:
+    """After a partial answer the row on disk holds only what is left, so a restart does
+    not send the accepted items again."""
+
+    async def body() -> None:
+        cfg = sink_config(tmp_path, buffer=BufferConfig(memory_bytes=1 << 20, mode="always",
+                                                        disk_dir=str(tmp_path / "buf")))
+        sink, transport, _c = make_sink(cfg)
+        statuses = [200] * 8 + [429, 429]
+        transport.script.append(Response(200, {}, orjson.dumps({"items": statuses})))
+        transport.script.append(Response(200, {}, orjson.dumps({"items": [429, 429]})))
+        lines = Lines(1)
+        async with running(sink):
+            sink.put(lines.make(10))
+            await until(lambda: len(transport.requests) == 2, "the retry of the remainder")
+        assert _rows(tmp_path / "buf" / "test" / "buffer.db") == [(1, 2)]
+        again, transport2, _c2 = make_sink(cfg)
+        async with running(again):
+            await until(lambda: len(again.buffer) == 0, "the remainder")
+        assert per_container(transport2.accepted) == {b"c0": [8, 9]}
+        assert per_container(transport.accepted) == {b"c0": list(range(8))}
+
+    run(body)
+
+
+def test_whole_batch_retries_do_not_rewrite_the_disk_row(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = sink_config(tmp_path, buffer=BufferConfig(memory_bytes=1 << 20, mode="always",
+                                                        disk_dir=str(tmp_path / "buf")))
+        sink, transport, _c = make_sink(cfg)
+        writes: list[int] = []
+        store = sink.buffer.store
+        assert store is not None
+        real_write = store.write
+
+        def counted(batch: Batch) -> None:
+            writes.append(batch.seq)
+            real_write(batch)
+
+        store.write = counted  # type: ignore[method-assign]
+        transport.script += [TransportError("refused"), Response(503, {}, b"")] * 2
+        async with running(sink):
+            sink.put(Lines(1).make(50))
+            await until(lambda: sink.stats.records_sent == 50, "delivery")
+        assert writes == [1] and sink.stats.retries == 4
+
+    run(body)
+
+
+# --------------------------------------------------------------------------- dead letters
+def test_dead_letter_store_rotates_to_one_old_file(tmp_path: Path) -> None:
+    from agent.sinks.deadletter import DeadLetterStore, dead_letter_dir
+
+    assert dead_letter_dir("/dl", "/buf", "es") == "/dl"
+    assert dead_letter_dir("", "/buf", "es") == "/buf/es/dead"
+    assert dead_letter_dir("", "", "es") is None
+    store = DeadLetterStore(str(tmp_path / "dead"), "es", max_bytes=2000, time_ns=lambda: 5)
+    for i in range(30):
+        store.write([b'{"n":%d}' % i], "x" * 10)
+    current = (tmp_path / "dead" / "dead-letters.ndjson").read_bytes().splitlines()
+    old = (tmp_path / "dead" / "dead-letters.ndjson.1").read_bytes().splitlines()
+    assert sorted(p.name for p in (tmp_path / "dead").iterdir()) == [
+        "dead-letters.ndjson", "dead-letters.ndjson.1"]
+    assert (tmp_path / "dead" / "dead-letters.ndjson").stat().st_size <= 2000
+    numbers = [orjson.loads(orjson.loads(line)["item"])["n"] for line in old + current]
+    assert numbers == list(range(30 - len(numbers), 30))  # the newest, in order
+    first = orjson.loads(current[0])
+    assert first["time"] == "1970-01-01T00:00:00.000000005Z"
+
+
+def test_dead_letter_reason_is_cut_at_4_kib_without_a_half_character(tmp_path: Path) -> None:
+    from agent.sinks.deadletter import DeadLetterStore
+
+    store = DeadLetterStore(str(tmp_path), "s")
+    store.write([b"\xff not utf-8"], "é" * 5000)
+    (line,) = (tmp_path / "dead-letters.ndjson").read_bytes().splitlines()
+    record = orjson.loads(line)
+    assert record["reason"] == "é" * 2048
+    assert record["item"] == "\ufffd not utf-8"
