@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import BinaryIO
 
 from agent.config import Config, RecordsConfig, SinkConfig
@@ -60,6 +61,14 @@ def make_sink(name: str, index: int, cfg: SinkConfig, fmt: RecordFormat, out: Bi
 def build_sinks(cfg: Config, out: BinaryIO) -> list[Sink]:
     fmt = record_format(cfg.records)
     return [
-        make_sink(name, index, sink, fmt, out)
+        make_sink(name, index, with_records_defaults(sink, cfg.records), fmt, out)
         for index, (name, sink) in enumerate(cfg.sinks.items())
     ]
+
+
+def with_records_defaults(sink: SinkConfig, records: RecordsConfig) -> SinkConfig:
+    """A sink without its own `dedot_labels` follows `records.dedot_labels` when that is
+    set; unset in both, each codec decides (Elasticsearch de-dots)."""
+    if sink.dedot_labels is None and records.dedot_labels is not None:
+        return dataclasses.replace(sink, dedot_labels=records.dedot_labels)
+    return sink
