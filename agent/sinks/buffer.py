@@ -307,7 +307,7 @@ class RateLimitedLog:
         if not self.batches or (now - self.last < self.interval_s and not force):
             return
         log.warning("sink %s: %s %d batches (%d records, %d bytes)", self.sink, self.what,
-                    self.batches, self.records, self.nbytes)
+                    self.batches, self.records, self.nbytes, extra={"sink": self.sink})
         self.last = now
         self.batches = self.records = self.nbytes = 0
 
@@ -370,7 +370,7 @@ class SinkBuffer:
         self.next_seq = high_seq + 1
         if stored:
             log.info("sink %s: replaying %d batches (%d bytes) from the disk buffer",
-                     self.name, len(stored), self._disk_bytes)
+                     self.name, len(stored), self._disk_bytes, extra={"sink": self.name})
 
     def _update_gauges(self) -> None:
         self.stats.memory_bytes_now = self._mem_bytes
@@ -496,7 +496,7 @@ class SinkBuffer:
             if self.store.corrupt > corrupt_before:
                 self.corrupt_batches += 1
                 log.error("sink %s: batch %d in the disk buffer is corrupt; skipped (%d records)",
-                          self.name, entry.seq, entry.records)
+                          self.name, entry.seq, entry.records, extra={"sink": self.name})
             self.stats.dropped_records += entry.records
             self.stats.dropped_bytes += entry.nbytes
             self._remove(entry)
@@ -558,7 +558,8 @@ class SinkBuffer:
 
     def _log_io_error(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
-            log.error("sink %s: disk buffer: %s", self.name, future.exception())
+            log.error("sink %s: disk buffer: %s", self.name, future.exception(),
+                      extra={"sink": self.name})
 
     # ----------------------------------------------------------------- lifecycle
     async def flushed(self) -> None:
@@ -590,9 +591,10 @@ class SinkBuffer:
                 if keep:
                     await loop.run_in_executor(self.io, self.store.write_many, keep)
                     log.info("sink %s: %d batches kept in the disk buffer for the next start",
-                             self.name, len(keep))
+                             self.name, len(keep), extra={"sink": self.name})
             except (OSError, sqlite3.Error) as e:
-                log.error("sink %s: could not persist the buffer: %s", self.name, e)
+                log.error("sink %s: could not persist the buffer: %s", self.name, e,
+                          extra={"sink": self.name})
                 lost += keep
             await loop.run_in_executor(self.io, self.store.close)
         for batch in lost:

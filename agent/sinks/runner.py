@@ -247,7 +247,8 @@ class BatchingSink:
         if task.cancelled():
             self.buffer.release(entry)
         elif (error := task.exception()) is not None:
-            log.error("sink %s: sending batch %d failed", self.name, entry.seq, exc_info=error)
+            log.error("sink %s: sending batch %d failed", self.name, entry.seq, exc_info=error,
+                      extra={"sink": self.name})
             self.buffer.release(entry)
             self._blocked_until = self.clock.monotonic() + self.cfg.retry.max_backoff_s
         self._wake.set()
@@ -261,7 +262,7 @@ class BatchingSink:
             body = self.codec.body(batch)
         except Exception as e:
             log.exception("sink %s: the codec could not make a request of batch %d",
-                          self.name, batch.seq)
+                          self.name, batch.seq, extra={"sink": self.name})
             await self._dead_letter([(batch.items(), f"podtap: no request body: {e!r}")])
             self._resolve(entry)
             return
@@ -287,7 +288,7 @@ class BatchingSink:
             return self.codec.outcome(batch, response)
         except Exception as e:
             log.exception("sink %s: the codec could not read the answer to batch %d",
-                          self.name, batch.seq)
+                          self.name, batch.seq, extra={"sink": self.name})
             reason = f"podtap could not read the answer ({e!r}): HTTP {response.status} "
             return Outcome(dead=[(batch.items(), reason + _text(response.body))])
 
@@ -331,7 +332,8 @@ class BatchingSink:
             self.stats.failing_since_ns = max(int(now * 1e9), 1)
         if now - self._failure_logged_at >= FAILURE_LOG_INTERVAL_S:
             self._failure_logged_at = now
-            log.warning("sink %s: delivery failing (%s); retrying", self.name, what)
+            log.warning("sink %s: delivery failing (%s); retrying", self.name, what,
+                        extra={"sink": self.name})
 
     async def _dead_letter(self, dead: list[tuple[list[bytes], str]]) -> None:
         for items, reason in dead:
@@ -346,7 +348,7 @@ class BatchingSink:
                     self._io, self.dead_letters.write, items, reason)
             except OSError as e:
                 log.error("sink %s: dead-letter store %s: %s", self.name,
-                          self.dead_letters.path, e)
+                          self.dead_letters.path, e, extra={"sink": self.name})
 
     # ----------------------------------------------------------------- health, shutdown
     async def preflight(self) -> str | None:
@@ -388,4 +390,4 @@ def _text(body: bytes) -> str:
 
 def _log_encoder_error(sink: str, meta: ContainerMeta, error: Exception) -> None:
     log.error("sink %s: cannot encode the lines of %s/%s/%s: %s", sink, meta.namespace,
-              meta.pod_name, meta.container_name, error)
+              meta.pod_name, meta.container_name, error, extra={"sink": sink})
