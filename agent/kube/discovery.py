@@ -387,6 +387,7 @@ class Discovery:
         if own and self._own_in_map and not known.in_map:
             known.in_map = True  # already in the map, excluded, since the first poll
             before = known.map_entry()
+            self._log_watched(cg, known)
         if before != known.map_entry():
             self.writer.watch(cg, *known.map_entry())
             if not known.in_map:
