@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -423,11 +425,6 @@ CHILD = textwrap.dedent("""
         for i in range(count):
             sink.put(lines.make(50))
             await asyncio.sleep(0)
-            if i % 5 == 4:
-                await sink.buffer.flushed()
-                on_disk = [e.seq for e in sink.buffer.entries.values() if e.home_disk]
-                # committed: everything on disk up to here
-                print("committed", max(on_disk, default=0), flush=True)
         await sink.buffer.flushed()
         on_disk = [e.seq for e in sink.buffer.entries.values() if e.home_disk]
         print("ready", " ".join(map(str, on_disk)), flush=True)
@@ -448,18 +445,18 @@ def test_sigkill_with_batches_on_disk_then_a_new_process_replays_them(
         [sys.executable, "-c", CHILD, mode, directory, "40"], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
-    committed: list[int] = []
+    out: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [out.put(x) for x in child.stdout], daemon=True).start()
     on_disk: list[int] = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        for line in child.stdout:
-            word, *rest = line.split()
-            if word == "committed":
-                committed.append(int(rest[0]))
-            elif word == "ready":
+        while not on_disk:
+            try:
+                word, *rest = out.get(timeout=max(deadline - time.monotonic(), 0.1)).split()
+            except queue.Empty:
+                raise AssertionError("the child did not report its disk buffer") from None
+            if word == "ready":
                 on_disk = [int(s) for s in rest]
-                break
-            assert time.monotonic() < deadline
         time.sleep(0.05)  # let it write some more: the kill lands amid writes
     finally:
         child.send_signal(signal.SIGKILL)
