@@ -42,6 +42,7 @@ bench: install
 	$(VPY) bench/write_cost.py
 	$(VPY) bench/agent_cpu.py
 	$(VPY) bench/codec_bench.py
+	$(VPY) bench/disk_buffer_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

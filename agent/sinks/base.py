@@ -86,6 +86,7 @@ class Response:
     status: int
     headers: dict[str, str]  # lower-case names
     body: bytes
+    sent_bytes: int = 0  # the request body as it went on the wire (compressed); 0 = unknown
 
 
 class TransportError(Exception):

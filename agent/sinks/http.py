@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import socket
@@ -270,7 +271,7 @@ class HttpTransport:
         async with self._slots:
             response = await self._request("POST", self._url, self._display_url, data, headers)
         self.bytes_sent += len(data)
-        return response
+        return dataclasses.replace(response, sent_bytes=len(data))
 
     async def preflight(self) -> str | None:
         """One GET of the URL's origin: None when the server answered (any status), else

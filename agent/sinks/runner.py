@@ -281,7 +281,8 @@ class BatchingSink:
         kind = status_class(response.status)
         if kind is not None:
             self.stats.fail(kind)
-        await self._settle(entry, batch, len(body), response, self._outcome(batch, response))
+        sent = response.sent_bytes or len(body)
+        await self._settle(entry, batch, sent, response, self._outcome(batch, response))
 
     def _outcome(self, batch: Batch, response: Response) -> Outcome:
         try:

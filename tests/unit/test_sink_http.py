@@ -186,8 +186,9 @@ def test_bytes_sent_counts_bodies_as_sent(http_server: RecordingServer) -> None:
     async def main(gzip: bool) -> int:
         t = HttpTransport(cfg(http_server.url, gzip=gzip), http_server.url, "x/y")
         try:
-            await t.send(BODY)
-            await t.send(BODY)
+            first = await t.send(BODY)
+            second = await t.send(BODY)
+            assert first.sent_bytes + second.sent_bytes == t.bytes_sent
             return t.bytes_sent
         finally:
             await t.close()
