@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--max-write", type=_size, help="bytes copied per write (default 1M)")
     tap.add_argument("--max-line", type=_size, help="longer lines are split, marked partial")
     tap.add_argument("--ring-bytes", type=_size, help="ring buffer size (power of two)")
+    tap.add_argument("--chunk", type=_size, help="bytes per ring-buffer record at most")
+    tap.add_argument("--invalid-utf8", choices=("replace", "base64", "escape"),
+                     help="JSON format: lines that are not UTF-8 (base64: exact bytes in "
+                          "message_base64; escape: \\udcXX escapes)")
     tap.add_argument("--config", "-c", help="YAML configuration file")
 
     sub.add_parser("check", help="check the node's requirements")
@@ -67,6 +71,12 @@ def _tap_config(args: argparse.Namespace) -> Config:
         capture = dataclasses.replace(capture, max_write=args.max_write)
     if args.ring_bytes is not None:
         capture = dataclasses.replace(capture, ring_bytes=args.ring_bytes)
+    if args.chunk is not None:
+        capture = dataclasses.replace(capture, chunk=args.chunk)
+    if args.invalid_utf8 is not None:
+        cfg = dataclasses.replace(
+            cfg, records=dataclasses.replace(cfg.records, invalid_utf8=args.invalid_utf8)
+        )
     if args.max_line is not None:
         lines = dataclasses.replace(lines, max_line=args.max_line)
     cfg = dataclasses.replace(cfg, capture=capture, lines=lines)

@@ -59,6 +59,8 @@ class CaptureConfig:
             "capture.ring_bytes",
             "a power of two >= the page size",
         )
+        _require(self.ring_bytes >= 2 * self.chunk, "capture.ring_bytes",
+                 "at least twice capture.chunk (one record, chunk + header, must fit)")
         _require(self.max_containers >= 1, "capture.max_containers", ">= 1")
         _require(self.queue_bytes >= 1 << 20, "capture.queue_bytes", ">= 1 MiB")
 
@@ -68,9 +70,12 @@ class LinesConfig:
     max_line: int = 16384  # longer lines are split into pieces marked partial
     idle_flush_ms: int = 5000  # a partial line is flushed after this long without bytes
     max_streams: int = 65536  # (pid, stream) pairs with a pending partial line
+    max_pending_bytes: int = 16 << 20  # bytes of pending partial lines, at most (oldest flushed)
 
     def validate(self) -> None:
         _require(self.max_line >= 1, "lines.max_line", ">= 1")
+        _require(self.max_pending_bytes >= self.max_line, "lines.max_pending_bytes",
+                 ">= lines.max_line")
         _require(self.idle_flush_ms >= 1, "lines.idle_flush_ms", ">= 1")
         _require(self.max_streams >= 1, "lines.max_streams", ">= 1")
 
@@ -160,9 +165,14 @@ class RecordsConfig:
     include_node_labels: bool = False  # needs get on nodes (API server), read at start
     time_key: str = "time"
     timestamp_key_es: bool = False
+    # Lines that are not valid UTF-8: "replace" (U+FFFD), "base64" (the exact bytes also in
+    # message_base64), "escape" (invalid bytes as \udcXX escapes, decoded back exactly)
+    invalid_utf8: str = _choice("replace", ("replace", "base64", "escape"))
 
     def validate(self) -> None:
         _require(self.schema in ("fluentbit", "otel"), "records.schema", "fluentbit or otel")
+        _require(self.invalid_utf8 in ("replace", "base64", "escape"), "records.invalid_utf8",
+                 "replace, base64 or escape")
         _require(bool(self.time_key), "records.time_key", "a non-empty string")
         from agent.records import RecordFormat
 

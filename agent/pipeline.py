@@ -28,9 +28,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.capture.events import (
     EV_CGROUP,
-    EV_DATA,
-    EV_EXIT,
-    F_LOSS,
     Record,
     boot_to_realtime_offset_ns,
     boottime_ns,
@@ -158,12 +155,12 @@ async def run_until_stopped(
 class TextFormatter:
     """`HH:MM:SS.mmm <pid> <comm> <stream>: <line>` (local time)."""
 
-    def __init__(self, offset_ns: int) -> None:
+    def __init__(self, offset_ns: Callable[[], int]) -> None:
         self.offset_ns = offset_ns
 
     def __call__(self, lines: list[Line]) -> bytes:
         parts = []
-        offset = self.offset_ns
+        offset = self.offset_ns()
         for ts, pid, stream, tag, message, _partial in lines:
             ns = ts + offset
             clock = time.strftime("%H:%M:%S", time.localtime(ns // 1_000_000_000))
@@ -177,22 +174,24 @@ class TextFormatter:
 class JsonFormatter:
     """One JSON object per line (`encode_tap_line`)."""
 
-    def __init__(self, offset_ns: int) -> None:
+    def __init__(self, offset_ns: Callable[[], int], invalid_utf8: str = "replace") -> None:
         self.offset_ns = offset_ns
+        self.invalid_utf8 = invalid_utf8
 
     def __call__(self, lines: list[Line]) -> bytes:
-        offset = self.offset_ns
-        enc = encode_tap_line
+        offset = self.offset_ns()
+        enc, invalid = encode_tap_line, self.invalid_utf8
         return b"".join(
             [
-                enc(ts + offset, stream, pid, tag[1], tag[0], message, partial) + b"\n"  # type: ignore[index]
+                enc(ts + offset, stream, pid, tag[1], tag[0], message, partial, invalid)  # type: ignore[index, arg-type]
+                + b"\n"
                 for ts, pid, stream, tag, message, partial in lines
             ]
         )
 
 
 class LineStage:
-    """Records -> lines: feeds the assembler, flushes on exit, loss and idleness."""
+    """Records -> lines (`LineAssembler.process`), counted; cgroup records to discovery."""
 
     def __init__(
         self, cfg: Config, on_cgroup: Callable[[int, str, int], None] | None = None
@@ -202,24 +201,19 @@ class LineStage:
             max_line=cfg.lines.max_line,
             idle_timeout_ns=cfg.lines.idle_flush_ms * 1_000_000,
             max_streams=cfg.lines.max_streams,
+            max_pending_bytes=cfg.lines.max_pending_bytes,
         )
         self.lines = 0
         self.partial = 0
 
     def process(self, records: list[Record]) -> list[Line]:
         out: list[Line] = []
-        asm = self.assembler
-        feed = asm.feed
-        for ts, cgroup_id, pid, _tid, typ, stream, flags, comm, data in records:
-            if typ == EV_DATA:
-                if flags & F_LOSS:
-                    asm.break_line(pid, stream, out)
-                feed(pid, stream, ts, (cgroup_id, comm), data, out)
-            elif typ == EV_EXIT:
-                asm.end_process(pid, out)
-            elif typ == EV_CGROUP and self.on_cgroup is not None:
-                self.on_cgroup(cgroup_id, data.decode("utf-8", "replace"), ts)
+        self.assembler.process(records, out, self._other)
         return self._counted(out)
+
+    def _other(self, rec: Record) -> None:
+        if rec[4] == EV_CGROUP and self.on_cgroup is not None:
+            self.on_cgroup(rec[1], rec[8].decode("utf-8", "replace"), rec[0])
 
     def flush_idle(self) -> list[Line]:
         out: list[Line] = []
@@ -258,9 +252,11 @@ class TapPipeline:
         self.err = err if err is not None else sys.stderr.buffer
         self.probe = Probe(cfg.capture)
         self.lines = LineStage(cfg)
-        offset = boot_to_realtime_offset_ns()
+        offset = boot_to_realtime_offset_ns  # read per batch: follows clock steps
         self.format: Callable[[list[Line]], bytes] = (
-            JsonFormatter(offset) if fmt == "json" else TextFormatter(offset)
+            JsonFormatter(offset, cfg.records.invalid_utf8)
+            if fmt == "json"
+            else TextFormatter(offset)
         )
         self._idents: dict[int, tuple[FileIdent, FileIdent] | None] = {}
         self._stop = asyncio.Event()

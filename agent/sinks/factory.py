@@ -21,6 +21,7 @@ def record_format(records: RecordsConfig) -> RecordFormat:
         include_node_labels=records.include_node_labels,
         time_key=records.time_key,
         timestamp_key_es=records.timestamp_key_es,
+        invalid_utf8=records.invalid_utf8,  # type: ignore[arg-type]  # validated
     )
 
 

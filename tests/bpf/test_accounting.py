@@ -75,7 +75,7 @@ def test_tiny_ring_with_live_drain_counts_every_lost_byte(sandbox: CgroupSandbox
     and a line that lost bytes in the middle is never glued to another one."""
     c = sandbox.container()
     c.start_init()
-    tap = start_tap("--cgroup", str(c.path), "--ring-bytes", "4096")
+    tap = start_tap("--cgroup", str(c.path), "--ring-bytes", "4096", "--chunk", "2048")
     try:
         assert c.python(burst_code(50_000)).wait(120) == 0
     finally:

@@ -131,6 +131,7 @@ lines:
   max_line: 1000
   idle_flush_ms: 250
   max_streams: 17
+  max_pending_bytes: 2000
 kube:
   kubelet_url: https://10.0.0.1:10250
   token_path: /tmp/token
@@ -168,6 +169,7 @@ records:
   include_node_labels: true
   time_key: ts
   timestamp_key_es: true
+  invalid_utf8: base64
 telemetry:
   enabled: false
   address: 127.0.0.1
@@ -190,7 +192,7 @@ FULL = Config(
         btf_path="/tmp/vmlinux",
         queue_bytes=2 << 20,
     ),
-    lines=LinesConfig(max_line=1000, idle_flush_ms=250, max_streams=17),
+    lines=LinesConfig(max_line=1000, idle_flush_ms=250, max_streams=17, max_pending_bytes=2000),
     kube=KubeConfig(
         kubelet_url="https://10.0.0.1:10250",
         token_path="/tmp/token",
@@ -230,6 +232,7 @@ FULL = Config(
         include_node_labels=True,
         time_key="ts",
         timestamp_key_es=True,
+        invalid_utf8="base64",
     ),
     telemetry=TelemetryConfig(enabled=False, address="127.0.0.1", port=9000, sink_failing_s=30.0),
     agent=AgentConfig(shutdown_grace_s=3.0, log_format="text"),
@@ -451,12 +454,13 @@ SMALL_INTS = st.integers(min_value=1, max_value=1 << 20)
 def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     """A random valid configuration as YAML-shaped data."""
     pow2 = st.integers(min_value=8, max_value=16).map(lambda e: 1 << e)
+    chunk = draw(pow2)
     return {
         "capture": {
             "max_write": draw(st.integers(min_value=4096, max_value=1 << 30)),
-            "chunk": draw(pow2),
+            "chunk": chunk,
             "copy_iterations": draw(st.integers(min_value=16, max_value=768)),
-            "ring_bytes": PAGE << draw(st.integers(min_value=0, max_value=12)),
+            "ring_bytes": max(PAGE, 2 * chunk) << draw(st.integers(min_value=0, max_value=8)),
             "socket_syscalls": draw(st.booleans()),
         },
         "lines": {"max_line": draw(SMALL_INTS), "idle_flush_ms": draw(SMALL_INTS)},
@@ -586,8 +590,8 @@ RANGE_CASES: list[tuple[str, str, list[Any], list[Any]]] = [
     (
         "capture",
         "ring_bytes",
-        [PAGE, PAGE * 2, 1 << 30],
-        [0, -PAGE, PAGE // 2, PAGE * 3, PAGE + 1, (1 << 30) - 1],
+        [2 * CaptureConfig().chunk, 4 * CaptureConfig().chunk, 1 << 30],
+        [0, -PAGE, PAGE // 2, PAGE, CaptureConfig().chunk, PAGE * 3, PAGE + 1, (1 << 30) - 1],
     ),
     ("capture", "max_containers", [1], [0, -1]),
     ("capture", "queue_bytes", [1 << 20], [(1 << 20) - 1, 0]),
@@ -643,7 +647,7 @@ def test_chunk_and_ring_bytes_need_powers_of_two(n: int) -> None:
     pow2 = n > 0 and n & (n - 1) == 0
     for key, ok in (
         ("chunk", pow2 and 256 <= n <= 65536),
-        ("ring_bytes", pow2 and n >= PAGE),
+        ("ring_bytes", pow2 and n >= max(PAGE, 2 * CaptureConfig().chunk)),
     ):
         if ok:
             assert getattr(config_from_dict({"capture": {key: n}}, {}).capture, key) == n

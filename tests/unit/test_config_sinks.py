@@ -239,3 +239,21 @@ def test_dry_run_bad_config_exits_2(tmp_path: Path) -> None:
 def test_loki_label_sets_loki_would_refuse(loki: dict[str, Any]) -> None:
     sink = {"kind": "loki", "url": "http://loki:3100", "loki": loki}
     assert "sinks.l.loki.labels" in error({"sinks": {"l": sink}})
+
+
+@pytest.mark.parametrize(("ring", "chunk"), [(4096, 4096), (8192, 8192), (16384, 16384)])
+def test_ring_smaller_than_one_record_is_rejected(ring: int, chunk: int) -> None:
+    message = error({"capture": {"ring_bytes": ring, "chunk": chunk}})
+    assert message.startswith("capture.ring_bytes")
+    config_from_dict({"capture": {"ring_bytes": 2 * ring, "chunk": chunk}}, {})
+
+
+def test_pending_line_bytes_at_least_one_line() -> None:
+    assert "lines.max_pending_bytes" in error({"lines": {"max_line": 4096,
+                                                         "max_pending_bytes": 4095}})
+
+
+def test_invalid_utf8_choices() -> None:
+    assert config_from_dict({"records": {"invalid_utf8": "base64"}}, {}).records.invalid_utf8 \
+        == "base64"
+    assert "records.invalid_utf8" in error({"records": {"invalid_utf8": "drop"}})
