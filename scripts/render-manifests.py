@@ -134,18 +134,22 @@ def manifests() -> dict[str, str]:
     return out
 
 
-def stale_files() -> list[str]:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def stale_files(manifests_dir: Path = MANIFESTS) -> list[str]:
     """Generated files whose content on disk differs from what this script makes."""
     stale = []
     want_schema = values_schema()
     if not VALUES_SCHEMA.exists() or VALUES_SCHEMA.read_text() != want_schema:
-        stale.append(str(VALUES_SCHEMA.relative_to(REPO)))
+        stale.append(_shown(VALUES_SCHEMA))
     want = manifests()
-    have = {p.name for p in MANIFESTS.glob("*.yaml")}
+    have = {p.name for p in manifests_dir.glob("*.yaml")}
     for name in sorted(have | set(want)):
-        path = MANIFESTS / name
+        path = manifests_dir / name
         if name not in want or not path.exists() or path.read_text() != want[name]:
-            stale.append(str(path.relative_to(REPO)))
+            stale.append(_shown(path))
     return stale
 
 

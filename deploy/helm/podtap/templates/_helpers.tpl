@@ -55,85 +55,71 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The credentials of the sink conveniences: env var name -> secret reference, for the
-sinks that are on and the secrets that are named.
+The Secret keys each convenience sink reads, as files: sink -> list of {name, key, path}.
+They are mounted at /etc/podtap/secrets/<sink>/<path> (files, not environment variables:
+a rotated token is picked up without a restart, and nothing shows in `kubectl describe`).
 */}}
-{{- define "podtap.secretEnv" -}}
+{{- define "podtap.sinkSecrets" -}}
 {{- $out := dict -}}
-{{- with .Values.elasticsearch -}}
-{{- if .enabled -}}
-{{- if .auth.passwordSecret.name }}{{ $_ := set $out "ES_PASSWORD" .auth.passwordSecret }}{{ end -}}
-{{- if .auth.apiKeySecret.name }}{{ $_ := set $out "ES_API_KEY" .auth.apiKeySecret }}{{ end -}}
+{{- range $sink := list "elasticsearch" "loki" "otlp" -}}
+{{- $v := get $.Values $sink -}}
+{{- if $v.enabled -}}
+{{- $files := list -}}
+{{- $auth := $v.auth | default dict -}}
+{{- range $field, $path := dict "passwordSecret" "password" "bearerTokenSecret" "token" "apiKeySecret" "api_key" -}}
+{{- $ref := get $auth $field -}}
+{{- if and $ref $ref.name -}}
+{{- $files = append $files (dict "name" $ref.name "key" $ref.key "path" $path) -}}
 {{- end -}}
 {{- end -}}
-{{- with .Values.loki -}}
-{{- if .enabled -}}
-{{- if .auth.passwordSecret.name }}{{ $_ := set $out "LOKI_PASSWORD" .auth.passwordSecret }}{{ end -}}
-{{- if .auth.bearerTokenSecret.name }}{{ $_ := set $out "LOKI_TOKEN" .auth.bearerTokenSecret }}{{ end -}}
+{{- if $v.tls.caSecret.name -}}
+{{- $files = append $files (dict "name" $v.tls.caSecret.name "key" $v.tls.caSecret.key "path" "ca.crt") -}}
 {{- end -}}
-{{- end -}}
-{{- with .Values.otlp -}}
-{{- if .enabled -}}
-{{- if .auth.bearerTokenSecret.name }}{{ $_ := set $out "OTLP_TOKEN" .auth.bearerTokenSecret }}{{ end -}}
+{{- if $files }}{{ $_ := set $out $sink $files }}{{ end -}}
 {{- end -}}
 {{- end -}}
 {{- toYaml $out -}}
 {{- end -}}
 
-{{/* TLS of one convenience sink: {ca_file, insecure_skip_verify} as podtap's TlsConfig. */}}
-{{- define "podtap.sinkTls" -}}
+{{/* The auth and tls of one convenience sink, as podtap's AuthConfig and TlsConfig. */}}
+{{- define "podtap.sinkCredentials" -}}
+{{- $dir := printf "/etc/podtap/secrets/%s" .sink -}}
+{{- $out := dict -}}
+{{- $auth := dict -}}
+{{- with .values.auth -}}
+{{- if .username }}{{ $_ := set $auth "username" .username }}{{ end -}}
+{{- if and .passwordSecret .passwordSecret.name }}{{ $_ := set $auth "password_file" (printf "%s/password" $dir) }}{{ end -}}
+{{- if and .bearerTokenSecret .bearerTokenSecret.name }}{{ $_ := set $auth "token_file" (printf "%s/token" $dir) }}{{ end -}}
+{{- if and .apiKeySecret .apiKeySecret.name }}{{ $_ := set $auth "api_key_file" (printf "%s/api_key" $dir) }}{{ end -}}
+{{- end -}}
+{{- if $auth }}{{ $_ := set $out "auth" $auth }}{{ end -}}
 {{- $tls := dict -}}
-{{- if .tls.caSecret.name -}}
-{{- $_ := set $tls "ca_file" (printf "/etc/podtap/tls/%s/ca.crt" .name) -}}
-{{- end -}}
-{{- if .tls.insecureSkipVerify -}}
-{{- $_ := set $tls "insecure_skip_verify" true -}}
-{{- end -}}
-{{- toYaml $tls -}}
+{{- if .values.tls.caSecret.name }}{{ $_ := set $tls "ca_file" (printf "%s/ca.crt" $dir) }}{{ end -}}
+{{- if .values.tls.insecureSkipVerify }}{{ $_ := set $tls "insecure_skip_verify" true }}{{ end -}}
+{{- if $tls }}{{ $_ := set $out "tls" $tls }}{{ end -}}
+{{- toYaml $out -}}
 {{- end -}}
 
 {{/* The sinks the conveniences make, as podtap's `sinks` mapping. */}}
 {{- define "podtap.convenienceSinks" -}}
 {{- $sinks := dict -}}
 {{- $buffer := include "podtap.bufferDir" . -}}
-{{- with .Values.elasticsearch -}}
-{{- if .enabled -}}
-{{- $s := dict "kind" "elasticsearch" "url" .url "elasticsearch" (dict "index" .index "data_stream" .dataStream) -}}
-{{- $auth := dict -}}
-{{- if .auth.username }}{{ $_ := set $auth "username" .auth.username }}{{ end -}}
-{{- if .auth.passwordSecret.name }}{{ $_ := set $auth "password_env" "ES_PASSWORD" }}{{ end -}}
-{{- if .auth.apiKeySecret.name }}{{ $_ := set $auth "api_key_env" "ES_API_KEY" }}{{ end -}}
-{{- if $auth }}{{ $_ := set $s "auth" $auth }}{{ end -}}
-{{- $tls := include "podtap.sinkTls" (dict "name" "elasticsearch" "tls" .tls) | fromYaml -}}
-{{- if $tls }}{{ $_ := set $s "tls" $tls }}{{ end -}}
+{{- range $name := list "elasticsearch" "loki" "otlp" -}}
+{{- $v := get $.Values $name -}}
+{{- if $v.enabled -}}
+{{- $s := dict "kind" $name "url" $v.url -}}
+{{- if eq $name "elasticsearch" -}}
+{{- $_ := set $s "elasticsearch" (dict "index" $v.index "data_stream" $v.dataStream) -}}
+{{- end -}}
+{{- if and (eq $name "loki") $v.tenant -}}
+{{- $_ := set $s "loki" (dict "tenant" $v.tenant) -}}
+{{- end -}}
+{{- if and (eq $name "otlp") $v.headers -}}
+{{- $_ := set $s "headers" $v.headers -}}
+{{- end -}}
+{{- $s = merge $s (include "podtap.sinkCredentials" (dict "sink" $name "values" $v) | fromYaml) -}}
 {{- if $buffer }}{{ $_ := set $s "buffer" (dict "disk_dir" $buffer) }}{{ end -}}
-{{- $_ := set $sinks "elasticsearch" $s -}}
-{{- end -}}
-{{- end -}}
-{{- with .Values.loki -}}
-{{- if .enabled -}}
-{{- $s := dict "kind" "loki" "url" .url -}}
-{{- if .tenant }}{{ $_ := set $s "loki" (dict "tenant" .tenant) }}{{ end -}}
-{{- $auth := dict -}}
-{{- if .auth.username }}{{ $_ := set $auth "username" .auth.username }}{{ end -}}
-{{- if .auth.passwordSecret.name }}{{ $_ := set $auth "password_env" "LOKI_PASSWORD" }}{{ end -}}
-{{- if .auth.bearerTokenSecret.name }}{{ $_ := set $auth "token_env" "LOKI_TOKEN" }}{{ end -}}
-{{- if $auth }}{{ $_ := set $s "auth" $auth }}{{ end -}}
-{{- $tls := include "podtap.sinkTls" (dict "name" "loki" "tls" .tls) | fromYaml -}}
-{{- if $tls }}{{ $_ := set $s "tls" $tls }}{{ end -}}
-{{- if $buffer }}{{ $_ := set $s "buffer" (dict "disk_dir" $buffer) }}{{ end -}}
-{{- $_ := set $sinks "loki" $s -}}
-{{- end -}}
-{{- end -}}
-{{- with .Values.otlp -}}
-{{- if .enabled -}}
-{{- $s := dict "kind" "otlp" "url" .url -}}
-{{- if .headers }}{{ $_ := set $s "headers" .headers }}{{ end -}}
-{{- if .auth.bearerTokenSecret.name }}{{ $_ := set $s "auth" (dict "token_env" "OTLP_TOKEN") }}{{ end -}}
-{{- $tls := include "podtap.sinkTls" (dict "name" "otlp" "tls" .tls) | fromYaml -}}
-{{- if $tls }}{{ $_ := set $s "tls" $tls }}{{ end -}}
-{{- if $buffer }}{{ $_ := set $s "buffer" (dict "disk_dir" $buffer) }}{{ end -}}
-{{- $_ := set $sinks "otlp" $s -}}
+{{- $_ := set $sinks $name $s -}}
 {{- end -}}
 {{- end -}}
 {{- toYaml $sinks -}}
@@ -150,18 +136,6 @@ sinks that are on and the secrets that are named.
 {{- end -}}
 {{- $_ := set $cfg "sinks" $sinks -}}
 {{- toYaml $cfg -}}
-{{- end -}}
-
-{{/* The TLS CA secrets of the conveniences: sink name -> secret reference. */}}
-{{- define "podtap.tlsSecrets" -}}
-{{- $out := dict -}}
-{{- range $name := list "elasticsearch" "loki" "otlp" -}}
-{{- $s := get $.Values $name -}}
-{{- if and $s.enabled $s.tls.caSecret.name -}}
-{{- $_ := set $out $name $s.tls.caSecret -}}
-{{- end -}}
-{{- end -}}
-{{- toYaml $out -}}
 {{- end -}}
 
 {{- define "podtap.records" -}}
