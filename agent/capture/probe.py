@@ -1,68 +1,46 @@
-"""Load the BPF program, attach it to the syscall tracepoints, own its maps.
+"""The loaded BPF program: attach it to the syscall tracepoints, own its maps.
 
-Start-up order has no race window: the program is compiled and loaded, the
-containers map is filled by the caller, then the programs are attached.  Every
-capture program runs at syscall exit and needs nothing from an earlier hook,
-so a write in flight while they are attached is either seen whole or not at
-all.
+The program is compiled and loaded by a short-lived child process
+(agent/capture/loader.py) so that this process never maps libbcc or LLVM; it
+receives the program and map fds and drives the maps with bpf(2)
+(agent/capture/bpfsys.py).  Attaching is perf_event_open + PERF_EVENT_IOC_SET_BPF
+on each tracepoint, as bcc does it; detaching is closing those perf event fds.
+
+Start-up order has no race window: the program is loaded, the containers map
+is filled by the caller, then the programs are attached.  Every capture
+program runs at syscall exit and needs nothing from an earlier hook, so a
+write in flight while they are attached is either seen whole or not at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
-import platform
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from agent.capture.btf import Btf, kernel_offsets
-from agent.capture.headers import find_kernel_headers
-from agent.capture.host import HostError, ensure_tracefs, tracefs_dir
+from agent.capture import bpfsys
+from agent.capture.host import HOOKS, Hook
+from agent.capture.loader import (
+    Loaded,
+    LoaderError,
+    LoadRequest,
+    load_in_child,
+    tracepoint_offsets,
+)
 from agent.config import CaptureConfig
 from agent.kube.model import FileIdent
+
+__all__ = ["CONSTANTS", "COUNTER_NAMES", "PodsRoot", "Probe", "ProbeError", "tracepoint_offsets"]
 
 log = logging.getLogger("podtap.capture")
 
 BPF_DIR_ENV = "PODTAP_BPF_DIR"
-# (tracepoint, program): exit tracepoints only; the arguments come from pt_regs.
-CAPTURE_PROGRAMS = (
-    ("syscalls:sys_exit_write", "exit_write"),
-    ("syscalls:sys_exit_writev", "exit_writev"),
-    ("syscalls:sys_exit_pwritev2", "exit_writev"),
-    ("syscalls:sys_exit_splice", "exit_uncapt_arg2"),
-    ("syscalls:sys_exit_tee", "exit_uncapt_arg1"),
-    ("syscalls:sys_exit_vmsplice", "exit_uncapt_arg0"),
-    ("syscalls:sys_exit_sendfile64", "exit_uncapt_arg0"),
-    ("syscalls:sys_exit_copy_file_range", "exit_uncapt_arg2"),
-    ("syscalls:sys_exit_io_uring_enter", "exit_io_uring"),
-)
-SOCKET_PROGRAMS = (
-    ("syscalls:sys_exit_sendto", "exit_write"),
-    ("syscalls:sys_exit_sendmsg", "exit_sendmsg"),
-)
-PROCESS_EXIT_PROGRAM = ("sched:sched_process_exit", "on_process_exit")
-CGROUP_MKDIR_PROGRAM = ("cgroup:cgroup_mkdir", "on_cgroup_mkdir")
-PROCESS_EXEC_PROGRAM = ("sched:sched_process_exec", "on_process_exec")
-MKDIR_FIELDS = {"root": "TP_MKDIR_ROOT", "level": "TP_MKDIR_LEVEL", "id": "TP_MKDIR_ID",
-                "path": "TP_MKDIR_PATH"}
-# Where the first three syscall arguments are saved in struct pt_regs (members, + offset).
-SYSCALL_ARG_REGS = {
-    "x86_64": (("di", 0), ("si", 0), ("dx", 0)),
-    "aarch64": (("orig_x0", 0), ("regs", 8), ("regs", 16)),  # x0 holds the return value
-}
-REQUIRED_TRACEPOINTS = frozenset(
-    {
-        "syscalls:sys_exit_write",
-        "syscalls:sys_exit_writev",
-        "sched:sched_process_exit",
-        "cgroup:cgroup_mkdir",
-        "sched:sched_process_exec",
-    }
-)
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 
 
 class ProbeError(Exception):
@@ -75,31 +53,6 @@ class PodsRoot:
 
     cgroup_id: int
     level: int  # depth below the cgroup v2 root (the root is level 0)
-
-
-def tracepoint_offsets(tracefs: str, category: str, event: str) -> dict[str, int]:
-    """Field name -> offset, from the tracepoint's tracefs `format` file."""
-    path = os.path.join(tracefs, "events", category, event, "format")
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ProbeError(f"cannot read {path}: {e.strerror}") from e
-    fields = {}
-    for m in re.finditer(r"field:([^;]*?)\s*(\w+)(?:\[\])?;\s*offset:(\d+);", text):
-        fields[m.group(2)] = int(m.group(3))
-    return fields
-
-
-def syscall_arg_offsets(btf: Btf, machine: str | None = None) -> dict[str, int]:
-    """OFF_ARG0..2: offsets of the saved syscall arguments in the kernel's struct pt_regs."""
-    machine = machine or platform.machine()
-    regs = SYSCALL_ARG_REGS.get(machine)
-    if regs is None:
-        raise ProbeError(f"syscall argument registers of {machine} are not known to podtap")
-    return {
-        f"OFF_ARG{i}": btf.member_offset("pt_regs", member) + extra
-        for i, (member, extra) in enumerate(regs)
-    }
 
 
 def bpf_dir() -> Path:
@@ -127,146 +80,135 @@ COUNTER_NAMES: tuple[str, ...] = tuple(
 )
 
 
-class ContainerValue(ctypes.Structure):
-    _fields_ = [
-        ("out_ino", ctypes.c_uint64),
-        ("err_ino", ctypes.c_uint64),
-        ("out_dev", ctypes.c_uint32),
-        ("err_dev", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    ]
+CONTAINER_VALUE = struct.Struct("<QQIIII")  # struct container of bpf/podtap.h
 
 
 def container_value(
     stdout: FileIdent | None, stderr: FileIdent | None, capture_stdout: bool, capture_stderr: bool
-) -> ContainerValue:
+) -> bytes:
     flags = 0
     if capture_stdout:
         flags |= CONSTANTS["C_CAPTURE_STDOUT"]
     if capture_stderr:
         flags |= CONSTANTS["C_CAPTURE_STDERR"]
-    value = ContainerValue()
-    if stdout is not None and stderr is not None:
-        flags |= CONSTANTS["C_IDENT_KNOWN"]
-        value.out_ino, value.out_dev = stdout.ino, stdout.dev
-        value.err_ino, value.err_dev = stderr.ino, stderr.dev
-    value.flags = flags
-    return value
+    if stdout is None or stderr is None:
+        return CONTAINER_VALUE.pack(0, 0, 0, 0, flags, 0)
+    flags |= CONSTANTS["C_IDENT_KNOWN"]
+    return CONTAINER_VALUE.pack(stdout.ino, stderr.ino, stdout.dev, stderr.dev, flags, 0)
 
 
 class Probe:
     """The loaded BPF program. `load()`, fill the map with `watch()`, then `attach()`."""
 
-    def __init__(self, cfg: CaptureConfig, pods_root: PodsRoot | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CaptureConfig,
+        pods_root: PodsRoot | None = None,
+        defines: dict[str, int] | None = None,
+        extra_hooks: Sequence[Hook] = (),
+    ) -> None:
+        """`defines` add to or override the program's -D defines and `extra_hooks` attach
+        more programs (for tests of programs not attached by default)."""
         self.cfg = cfg
         self.pods_root = pods_root
-        self._bpf: Any = None
-        self._attached: list[str] = []
+        self.defines = dict(defines or {})
+        self.hooks = [h for h in (*HOOKS, *extra_hooks) if self._wanted(h)]
+        self._loaded: Loaded | None = None
+        self._perf_fds: dict[str, int] = {}
+
+    def _wanted(self, hook: Hook) -> bool:
+        if hook.only_if == "pods_root":
+            return self.pods_root is not None
+        if hook.only_if == "sockets":
+            return self.cfg.socket_syscalls
+        return True
 
     # -- lifecycle ---------------------------------------------------------
 
-    def cflags(self, offsets: dict[str, int]) -> list[str]:
+    def request(self) -> LoadRequest:
         cfg = self.cfg
-        flags = [
-            f"-I{bpf_dir()}",
-            f"-DMAX_WRITE={cfg.max_write}",
-            f"-DCHUNK={cfg.chunk}",
-            f"-DMAX_ITERS={cfg.copy_iterations}",
-            f"-DNCPUS={os.cpu_count() or 1}",
-            f"-DRINGBUF_PAGES={cfg.ring_bytes // os.sysconf('SC_PAGE_SIZE')}",
-            f"-DMAX_CONTAINERS={cfg.max_containers}",
-            f"-DSELF_TGID={os.getpid()}",
-        ]
-        flags += [f"-D{name}={value}" for name, value in sorted(offsets.items())]
-        if self.pods_root is not None:
-            flags += [
-                f"-DPODS_ROOT_ID={self.pods_root.cgroup_id}ULL",
-                f"-DPODS_ROOT_LEVEL={self.pods_root.level}",
-            ]
-            flags += [f"-D{define}={off}" for define, off in self._mkdir_offsets().items()]
-        return flags
-
-    def _mkdir_offsets(self) -> dict[str, int]:
-        tracefs = tracefs_dir()
-        if tracefs is None:
-            raise HostError("tracefs is not mounted")
-        fields = tracepoint_offsets(tracefs, "cgroup", "cgroup_mkdir")
-        missing = [name for name in MKDIR_FIELDS if name not in fields]
-        if missing:
-            raise ProbeError(f"cgroup:cgroup_mkdir has no field(s) {', '.join(missing)}")
-        return {define: fields[name] for name, define in MKDIR_FIELDS.items()}
+        return LoadRequest(
+            source=str(bpf_dir() / "podtap.c"),
+            max_write=cfg.max_write,
+            chunk=cfg.chunk,
+            copy_iterations=cfg.copy_iterations,
+            ring_bytes=cfg.ring_bytes,
+            max_containers=cfg.max_containers,
+            headers_cache_dir=cfg.headers_cache_dir,
+            btf_path=cfg.btf_path,
+            self_tgid=os.getpid(),
+            programs=sorted({h.program for h in self.hooks}),
+            tracepoints=[h.tracepoint for h in self.hooks],
+            pods_root=(self.pods_root.cgroup_id, self.pods_root.level)
+            if self.pods_root is not None
+            else None,
+            defines=self.defines,
+        )
 
     def load(self) -> None:
-        """Compile and load the program; nothing is attached yet."""
-        ensure_tracefs()
-        headers = find_kernel_headers(cache_dir=self.cfg.headers_cache_dir)
-        os.environ["BCC_KERNEL_SOURCE"] = headers.path
-        btf = Btf.load(self.cfg.btf_path)
-        offsets = kernel_offsets(btf) | syscall_arg_offsets(btf)
+        """Compile and load the program (in a child process); nothing is attached yet."""
+        if self._loaded is not None:
+            return
         try:
-            from bcc import BPF
-        except ImportError as e:
-            raise ProbeError("bcc is not importable: install Debian's python3-bpfcc") from e
-        src = bpf_dir() / "podtap.c"
-        try:
-            self._bpf = BPF(src_file=str(src).encode(), cflags=self.cflags(offsets))
-            copy_more = self._bpf.load_func(b"copy_more", BPF.TRACEPOINT)
-        except Exception as e:  # bcc raises bare Exception on compile/verifier errors
-            raise ProbeError(f"loading {src} failed: {e}") from e
-        self._bpf[b"tails"][ctypes.c_int(0)] = ctypes.c_int(copy_more.fd)
-        log.info("BPF program loaded (headers: %s, %s)", headers.path, headers.source)
+            self._loaded = load_in_child(self.request())
+        except LoaderError as e:
+            raise ProbeError(str(e)) from e
+        log.info("BPF program loaded (headers: %s)", self._loaded.headers)
 
     def attach(self) -> None:
-        """Attach the cgroup and process-exit hooks, then the capture programs."""
-        if self._bpf is None:
-            raise ProbeError("attach() before load()")
-        pairs: list[tuple[str, str]] = []
-        if self.pods_root is not None:
-            pairs.append(CGROUP_MKDIR_PROGRAM)
-        pairs += [PROCESS_EXEC_PROGRAM, PROCESS_EXIT_PROGRAM]
-        pairs += CAPTURE_PROGRAMS
-        if self.cfg.socket_syscalls:
-            pairs += SOCKET_PROGRAMS
-        base = tracefs_dir()
-        if base is None:
-            raise HostError("tracefs is not mounted")
-        for tp, fn in pairs:
-            if not os.path.isdir(os.path.join(base, "events", *tp.split(":"))):
-                if tp in REQUIRED_TRACEPOINTS:
-                    raise ProbeError(f"tracepoint {tp} does not exist on this kernel")
-                log.warning("tracepoint %s does not exist: not covered", tp)
+        """Attach the cgroup and process hooks, then the capture programs."""
+        loaded = self._require_loaded("attach()")
+        for hook in self.hooks:
+            if hook.tracepoint in self._perf_fds:
+                continue
+            tp_id = loaded.tracepoint_ids.get(hook.tracepoint)
+            if tp_id is None:
+                if hook.required:
+                    self.detach()
+                    raise ProbeError(f"tracepoint {hook.tracepoint} does not exist on this kernel")
+                log.warning("tracepoint %s does not exist: not covered", hook.tracepoint)
                 continue
             try:
-                self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
-            except Exception as e:
+                fd = bpfsys.attach_tracepoint(loaded.programs[hook.program], tp_id)
+            except OSError as e:
                 self.detach()
-                raise ProbeError(f"attaching {fn} to {tp} failed: {e}") from e
-            self._attached.append(tp)
+                raise ProbeError(
+                    f"attaching {hook.program} to {hook.tracepoint} failed: {e}"
+                ) from e
+            self._perf_fds[hook.tracepoint] = fd
 
     def detach(self) -> None:
-        for tp in reversed(self._attached):
-            try:
-                self._bpf.detach_tracepoint(tp=tp.encode())
-            except Exception as e:  # detaching is best effort at shutdown
-                log.warning("detaching %s failed: %s", tp, e)
-        self._attached.clear()
+        """Close the perf events: the programs stop running at once."""
+        for tp in reversed(list(self._perf_fds)):
+            os.close(self._perf_fds.pop(tp))
 
     def close(self) -> None:
         self.detach()
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
 
     @property
     def loaded(self) -> bool:
-        return self._bpf is not None
+        return self._loaded is not None
 
     @property
     def attached(self) -> list[str]:
-        return list(self._attached)
+        return list(self._perf_fds)
+
+    def _require_loaded(self, what: str) -> Loaded:
+        if self._loaded is None:
+            raise ProbeError(f"{what} before load()")
+        return self._loaded
 
     # -- maps ----------------------------------------------------------------
+
+    def map(self, name: str) -> bpfsys.MapInfo:
+        """A map of the program (its fd stays owned by the probe)."""
+        return self._require_loaded("map()").maps[name]
+
+    def program_fd(self, name: str) -> int:
+        return self._require_loaded("program_fd()").programs[name]
 
     def watch(
         self,
@@ -277,28 +219,23 @@ class Probe:
         capture_stderr: bool = True,
     ) -> None:
         """Put a container in the kernel map (with no capture flag it is excluded)."""
-        table = self._bpf[b"containers"]
-        table[ctypes.c_uint64(cgroup_id)] = container_value(
-            stdout, stderr, capture_stdout, capture_stderr
-        )
+        value = container_value(stdout, stderr, capture_stdout, capture_stderr)
+        bpfsys.map_update(self.map("containers").fd, _U64.pack(cgroup_id), value)
 
     def unwatch(self, cgroup_id: int) -> None:
-        table = self._bpf[b"containers"]
-        with contextlib.suppress(KeyError):
-            del table[ctypes.c_uint64(cgroup_id)]
+        bpfsys.map_delete(self.map("containers").fd, _U64.pack(cgroup_id))
 
     def counters(self) -> dict[str, int]:
-        table = self._bpf[b"counters"]
-        values = {}
-        for idx, name in enumerate(COUNTER_NAMES):
-            per_cpu = table[ctypes.c_int(idx)]
-            values[name] = sum(int(v) for v in per_cpu)
-        return values
+        fd = self.map("counters").fd
+        return {
+            name: sum(bpfsys.map_lookup_percpu_u64(fd, _U32.pack(idx)))
+            for idx, name in enumerate(COUNTER_NAMES)
+        }
 
     @property
     def ring_fd(self) -> int:
-        return int(self._bpf[b"events"].map_fd)
+        return self.map("events").fd
 
     @property
     def ring_size(self) -> int:
-        return int(self._bpf[b"events"].max_entries)
+        return self.map("events").max_entries
