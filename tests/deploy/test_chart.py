@@ -437,3 +437,41 @@ def test_stale_manifests_are_detected(tmp_path: Path) -> None:
     assert mod.stale_files(tmp_path) == [
         str(tmp_path / name) for name in ("00-namespace.yaml", "50-daemonset.yaml", "99-extra.yaml")
     ]
+
+
+# --- the values examples of docs/deploy.md ------------------------------------------------------
+
+def _doc_examples() -> list[dict[str, Any]]:
+    import re
+
+    text = (REPO / "docs" / "deploy.md").read_text()
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+
+
+def _deep_merge(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
+def test_docs_examples_render_and_validate(tmp_path: Path) -> None:
+    examples = _doc_examples()
+    assert len(examples) >= 5
+    for example in examples:
+        for obj in render_objects(example):
+            kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    merged: dict[str, Any] = {}
+    for example in examples:
+        _deep_merge(merged, example)
+    r = rendered(merged)
+    assert set(r.config["sinks"]) == {"elasticsearch", "loki", "otlp", "archive"}
+    path = tmp_path / "podtap.yaml"
+    path.write_text(r.one("ConfigMap")["data"]["podtap.yaml"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--dry-run", "-c", str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr

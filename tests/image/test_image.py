@@ -160,3 +160,13 @@ def test_tap_in_the_image_captures_a_host_process_byte_exact(
     if not Path(f"/lib/modules/{os.uname().release}/build/include").is_dir():
         # No host headers for this kernel: Debian's were merged into the header-cache hostPath.
         assert list(header_cache.glob("kernel-headers/*/.podtap-merged"))
+
+
+def test_check_fails_with_remedies_where_the_pod_lacks_privileges(image: str) -> None:
+    """What the init container shows on a node (or pod spec) that lacks something."""
+    proc = podman_run(image, ["check"])  # no privileges, no host mounts
+    assert proc.returncode == 1, proc.stdout
+    failed = re.findall(r"^\[FAIL\] ([^:]+):", proc.stdout, re.M)
+    assert "privileges" in failed and "tracefs" in failed
+    assert proc.stdout.count("remedy:") == len(failed)
+    assert re.search(rf", {len(failed)} failed$", proc.stdout, re.M)

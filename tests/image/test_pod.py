@@ -63,6 +63,13 @@ def podman_args_of_pod(r: Rendered, tmp: Path) -> list[str]:
     args = ["--pid", "host", "--cgroupns", "host", "--network", "host"]
     if sc.get("privileged"):
         args.append("--privileged")
+    caps = sc.get("capabilities", {})
+    args += [a for c in caps.get("drop", []) for a in ("--cap-drop", c)]
+    args += [a for c in caps.get("add", []) for a in ("--cap-add", c)]
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    # seccompProfile RuntimeDefault (the chart's pod default) is podman's default profile.
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     if sc.get("readOnlyRootFilesystem"):
         args.append("--read-only")
     volumes = r.volumes()
@@ -151,9 +158,10 @@ def http_status(url: str) -> int:
         return 0
 
 
-def test_the_charts_pod_runs_and_ships_every_line(image: str, node: SimNode,
-                                                  tmp_path: Path) -> None:
-    r = rendered("default")
+@pytest.mark.parametrize("values_file", ["default", "capabilities"])
+def test_the_charts_pod_runs_and_ships_every_line(image: str, node: SimNode, tmp_path: Path,
+                                                  values_file: str) -> None:
+    r = rendered(values_file)
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
     shutil.copy(node.token_path, sa / "token")
