@@ -181,7 +181,8 @@ def load(request: LoadRequest) -> tuple[dict[str, Any], list[int]]:
     headers = find_kernel_headers(cache_dir=request.headers_cache_dir)
     os.environ["BCC_KERNEL_SOURCE"] = headers.path
     btf = Btf.load(request.btf_path)
-    defines = kernel_offsets(btf) | syscall_arg_offsets(btf) | base_defines(request)
+    defines = (kernel_offsets(btf) | syscall_arg_offsets(btf) | exit_defines(tracefs, btf)
+               | base_defines(request))
     if request.pods_root is not None:
         defines |= mkdir_offsets(tracefs)
     defines |= request.defines
@@ -254,6 +255,23 @@ def syscall_arg_offsets(btf: Any, machine: str | None = None) -> dict[str, int]:
         f"OFF_ARG{i}": btf.member_offset("pt_regs", member) + extra
         for i, (member, extra) in enumerate(regs)
     }
+
+
+def exit_defines(tracefs: str, btf: Any, machine: str | None = None) -> dict[str, int]:
+    """How the exit program tells a process's end from a thread's: the tracepoint's
+    group_dead field (kernels >= 6.16), else signal->live from BTF; and on x86_64 where
+    pt_regs.cs is (32-bit programs are counted)."""
+    fields = tracepoint_offsets(tracefs, "sched", "sched_process_exit")
+    if "group_dead" in fields:
+        out = {"TP_EXIT_GROUP_DEAD": fields["group_dead"]}
+    else:
+        out = {
+            "OFF_TASK_SIGNAL": btf.member_offset("task_struct", "signal"),
+            "OFF_SIGNAL_LIVE": btf.member_offset("signal_struct", "live"),
+        }
+    if (machine or platform.machine()) == "x86_64":
+        out["OFF_REGS_CS"] = btf.member_offset("pt_regs", "cs")
+    return out
 
 
 def tracepoint_offsets(tracefs: str, category: str, event: str) -> dict[str, int]:
