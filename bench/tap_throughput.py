@@ -90,11 +90,12 @@ def process_cpu_s(pid: int) -> float:
 
 
 def run_case(
-    exe: str, stream: Stream, lines: int, per_write: int, rate: int = 0
+    exe: str, stream: Stream, lines: int, per_write: int, rate: int = 0, ring: int = 0
 ) -> dict[str, float]:
+    ring_args = ["--ring-bytes", str(ring)] if ring else []
     tap = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--log-level", "warning", "tap", "--format", "json",
-         "--cgroup", str(stream.cgroup)],
+         "--cgroup", str(stream.cgroup), *ring_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         cwd=REPO,
@@ -124,6 +125,28 @@ def run_case(
     }
 
 
+# (label, lines, lines per write, rate; 0 = unpaced) that the default ring must take.
+SIZING_CASES = (
+    ("100K lines/s paced, 5 s", 500_000, 1, 100_000),
+    ("150K lines/s paced, 5 s", 750_000, 1, 150_000),
+    ("burst of 200K lines, unpaced", 200_000, 1, 0),
+    ("burst of 1M lines, unpaced", 1_000_000, 1, 0),
+)
+SIZING_RINGS = tuple(1 << n for n in range(20, 27))  # 1 MiB .. 64 MiB
+
+
+def ring_sizing(exe: str, stream: Stream) -> None:
+    """The smallest ring with zero loss for each case (each size tried twice)."""
+    for label, lines, per_write, rate in SIZING_CASES:
+        for ring in SIZING_RINGS:
+            drops = [run_case(exe, stream, lines, per_write, rate, ring)["dropped"]
+                     for _ in range(2)]
+            if not any(drops):
+                print(f"  ring sizing: {label}: {ring >> 20} MiB is the smallest zero-loss ring")
+                break
+            print(f"  ring sizing: {label}: {ring >> 20} MiB drops {drops}")
+
+
 def main() -> None:
     box = CgroupSandbox(prefix="podtap-bench")
     stream = None
@@ -132,6 +155,9 @@ def main() -> None:
             exe = build_writer(tmp)
             stream = Stream(box.container("burst").path)
             time.sleep(0.2)
+            if "--ring-sizing" in sys.argv:
+                ring_sizing(exe, stream)
+                return
             print(f"podtap tap --format json > /dev/null, {LINE}-byte lines, {os.cpu_count()} CPUs")
             idle = run_case(exe, stream, 10, 1, 10)  # shutdown time of a tap with no backlog
             stop_s = idle["elapsed_s"] - idle["writer_s"]
