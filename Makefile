@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install deps venv demo test lint typecheck unit kernel bench clean
+.PHONY: install deps venv demo test lint typecheck unit kernel bench clean image manifests
 
 install: deps venv
 
@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench scripts
 	$(VENV)/bin/mypy
 
 test: install
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench scripts
 	$(VENV)/bin/mypy
 	$(VPY) -m pytest -q tests
 
@@ -43,6 +43,12 @@ bench: install
 	$(VPY) bench/agent_cpu.py
 	$(VPY) bench/codec_bench.py
 	$(VPY) bench/disk_buffer_bench.py
+
+image: install
+	bash scripts/image.sh
+
+manifests: venv
+	$(VPY) scripts/render-manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

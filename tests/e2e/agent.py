@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.simnode.node import SimContainer, SimNode
 
@@ -102,6 +104,36 @@ class AgentRun:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: what an OOM kill or a node problem does; nothing is flushed."""
+        self.proc.kill()
+        self.proc.wait(60)
+        for t in self._threads:
+            t.join(60)
+
+    @property
+    def telemetry_url(self) -> str:
+        self.wait_for(lambda: bool(self.log_records("telemetry listening")), 60,
+                      "the telemetry server")
+        port = self.log_records("telemetry listening")[0]["port"]
+        return f"http://127.0.0.1:{port}"
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {'name{label="v",...}': value} (labels sorted as exposed)."""
+        with urllib.request.urlopen(self.telemetry_url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        return self.metrics().get(f"{name}{{{key}}}" if key else name, 0.0)
 
     def stop(self, timeout: float = 60) -> dict[str, Any]:
         """SIGTERM, wait, and return the final stats the agent logged."""

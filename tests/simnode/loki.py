@@ -63,6 +63,7 @@ class RequestLog:
     body_bytes: int  # as received (compressed when it was)
     status: int
     answer: str
+    time: float = 0.0  # time.monotonic() when the request arrived
 
 
 class BadRequest(Exception):
@@ -138,6 +139,7 @@ class LoopbackBackend(LoopbackHttpsServer):
         raise NotImplementedError
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         body = await request.read()
         with self._lock:
             fault = self._one_shot.popleft() if self._one_shot else None
@@ -157,10 +159,11 @@ class LoopbackBackend(LoopbackHttpsServer):
                 response = await self._route(request, body)
             except BadRequest as e:
                 response = web.Response(status=e.status, text=e.text, headers=e.headers)
-        self._log(request, body, response)
+        self._log(request, body, response, arrived)
         return response
 
-    def _log(self, request: web.Request, body: bytes, response: web.Response) -> None:
+    def _log(self, request: web.Request, body: bytes, response: web.Response,
+             arrived: float) -> None:
         answer = response.body if isinstance(response.body, bytes) else b""
         entry = RequestLog(
             method=request.method,
@@ -169,6 +172,7 @@ class LoopbackBackend(LoopbackHttpsServer):
             body_bytes=len(body),
             status=response.status,
             answer=answer.decode("utf-8", "replace"),
+            time=arrived,
         )
         with self._lock:
             self.requests.append(entry)

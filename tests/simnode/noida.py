@@ -50,9 +50,11 @@ def _children(pid: int) -> list[int]:
 class NoidaElasticsearch:
     """One emulator process with a private data directory."""
 
-    def __init__(self, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, start_timeout_s: float = 120.0, port: int = 0) -> None:
+        """`port` 0: a free port chosen at start; else that port (a test may point an
+        agent at it before the emulator runs)."""
         self._timeout = start_timeout_s
-        self.port = 0
+        self.port = port
         self._proc: subprocess.Popen[bytes] | None = None
         self._data_dir = ""
         self._log_path = ""
@@ -66,7 +68,7 @@ class NoidaElasticsearch:
             raise NoidaUnavailable("noida-db is not installed (pip install noida-db==0.2.3)")
         self._data_dir = tempfile.mkdtemp(prefix="podtap-noida-")
         fd, self._log_path = tempfile.mkstemp(prefix="podtap-noida-", suffix=".log")
-        self.port = _free_port()
+        self.port = self.port or _free_port()
         argv = [sys.executable, "-c", _LAUNCH, "start", "--data-dir", self._data_dir,
                 "--only", "elasticsearch", "--elasticsearch-port", str(self.port)]
         with os.fdopen(fd, "wb") as log:
