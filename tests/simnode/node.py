@@ -669,6 +669,31 @@ class SimNode:
             self._register(pod)
         return pod
 
+    def exec_in(
+        self, container: SimContainer, script: str, *, below_pid: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process in a running containerd container as `kubectl exec` does
+        (`ctr task exec`: a child of the shim, its stdout/stderr ctr's pipes, not the
+        container's). `below_pid`: make its pid lower than that, as after a pid wrap-around
+        (the next pids are set through ns_last_pid; root)."""
+        if container.driver != "containerd":
+            raise ValueError("exec_in needs a containerd container")
+        if below_pid is not None:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(max(300, below_pid - 5000)))
+        argv = self._ctr(
+            "task", "exec", "--exec-id", f"exec-{secrets.token_hex(4)}",
+            container.id, "/bin/sh", "-c", script,
+        )
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self._containerd_env,
+        )
+        return proc  # ends with the container; the caller reaps it
+
     def unregister_pod(self, pod: SimPod) -> None:
         """Unlist the pod from the kubelet while its containers go on running, as when a
         pod is deleted and its containers are still in their termination grace period."""
