@@ -41,7 +41,7 @@ class CaptureConfig:
     max_write: int = 1 << 20  # bytes of one write() copied; the rest is counted as truncated
     chunk: int = 16384  # bytes per ring-buffer record at most (power of two)
     copy_iterations: int = 512  # copy-loop iterations per BPF program (x33 with tail calls)
-    ring_bytes: int = 64 << 20  # ring buffer size (power of two, multiple of the page size)
+    ring_bytes: int = 16 << 20  # ring buffer size (power of two): absorbs a 200K-line burst
     max_containers: int = 16384
     socket_syscalls: bool = True  # also capture sendto/sendmsg (stdout may be a socket)
     headers_cache_dir: str = "/var/cache/podtap/kernel-headers"

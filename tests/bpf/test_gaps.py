@@ -7,7 +7,6 @@ the pipeline does.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.capture import bpfsys
 from agent.capture.btf import Btf
 from agent.capture.events import Drainer, Record, RingReader, decode
-from agent.capture.host import tracefs_dir
+from agent.capture.host import Hook, tracefs_dir
 from agent.capture.probe import CONSTANTS, Probe, tracepoint_offsets
 from agent.config import CaptureConfig
 from agent.lines import Line, LineAssembler
@@ -57,24 +57,9 @@ def exit_defines(use_tracepoint: bool = True) -> dict[str, int]:
     }
 
 
-class TestProbe(Probe):
-    """The real program with defines overridden or added (those the loader does not pass
-    yet, and NCPUS to provoke a scratch miss)."""
-
-    __test__ = False
-
-    def __init__(self, cfg: CaptureConfig, defines: dict[str, int]) -> None:
-        super().__init__(cfg)
-        self.defines = defines
-
-    def cflags(self, offsets: dict[str, int]) -> list[str]:
-        flags = [f for f in super().cflags(offsets) if f.split("=")[0][2:] not in self.defines]
-        return flags + [f"-D{k}={v}" for k, v in self.defines.items()]
-
-
 @dataclass
 class Run:
-    probe: TestProbe
+    probe: Probe
     container: Container
     records: list[Record] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -107,7 +92,11 @@ def running(
     **cfg: int,
 ) -> Iterator[Run]:
     exits = exit_defines() if exits is None else exits
-    probe = TestProbe(CaptureConfig(**cfg), {**exits, **(defines or {})})  # type: ignore[arg-type]
+    probe = Probe(
+        CaptureConfig(**cfg),  # type: ignore[arg-type]
+        defines={**exits, **(defines or {})},
+        extra_hooks=[Hook(tp, fn, False) for tp, fn in EXTRA_PROGRAMS],
+    )
     probe.load()
     try:
         c = sandbox.container(sockets=sockets)
@@ -117,14 +106,6 @@ def running(
         drainer = Drainer(run._reader, run.deliver, max_pending=1 << 40, linger_s=0.002)
         drainer.start()
         probe.attach()
-        base = tracefs_dir()
-        assert base is not None
-        for tp, fn in EXTRA_PROGRAMS:
-            if tp not in probe.attached and os.path.isdir(
-                os.path.join(base, "events", *tp.split(":"))
-            ):
-                probe._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
-                probe._attached.append(tp)
         try:
             yield run
         finally:
@@ -221,7 +202,6 @@ def test_write_truncated_at_max_write_ends_its_line(sandbox: CgroupSandbox, chun
 def test_failed_tail_call_is_counted_and_ends_the_line(
     sandbox: CgroupSandbox, tmp_path: Path
 ) -> None:
-    from bcc import BPF
 
     code = (
         "import os, time\n"
@@ -234,14 +214,14 @@ def test_failed_tail_call_is_counted_and_ends_the_line(
         "os.write(1, b'def\\n')\n"
     )
     with running(sandbox) as run:
-        tails = run.probe._bpf[b"tails"]
-        copy_more = run.probe._bpf.load_func(b"copy_more", BPF.TRACEPOINT)
+        tails = run.probe.map("tails").fd
+        copy_more = run.probe.program_fd("copy_more")
         proc = run.container.python(code)
         wait_for(tmp_path / "done-1")
-        del tails[ctypes.c_int(0)]  # the next tail call fails
+        bpfsys.map_delete(tails, (0).to_bytes(4, "little"))  # the next tail call fails
         (tmp_path / "go-1").touch()
         wait_for(tmp_path / "done-2")
-        tails[ctypes.c_int(0)] = ctypes.c_int(copy_more.fd)
+        bpfsys.map_update(tails, (0).to_bytes(4, "little"), copy_more.to_bytes(4, "little"))
         (tmp_path / "go-2").touch()
         assert proc.wait(60) == 0
         records = run.sync()
