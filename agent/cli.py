@@ -85,7 +85,7 @@ def _tap_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from agent.pipeline import TapPipeline, resolve_targets
+    from agent.tap import TapPipeline, resolve_targets
 
     if not args.cgroup and not args.pid:
         print("podtap tap: give at least one --cgroup or --pid", file=sys.stderr)

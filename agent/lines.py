@@ -36,7 +36,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agent.capture.events import EV_CGROUP, boottime_ns
 from agent.capture.probe import CONSTANTS
+from agent.config import Config
 
 __all__ = ["Line", "LineAssembler", "Record"]
 
@@ -488,3 +490,44 @@ class LineAssembler:
     def pending_bytes(self) -> int:
         """Total number of pending bytes."""
         return self._bytes
+
+
+class LineStage:
+    """Records -> lines (`LineAssembler.process`), counted; cgroup records to discovery."""
+
+    def __init__(
+        self, cfg: Config, on_cgroup: Callable[[int, str, int], None] | None = None
+    ) -> None:
+        self.on_cgroup = on_cgroup
+        self.assembler = LineAssembler(
+            max_line=cfg.lines.max_line,
+            idle_timeout_ns=cfg.lines.idle_flush_ms * 1_000_000,
+            max_streams=cfg.lines.max_streams,
+            max_pending_bytes=cfg.lines.max_pending_bytes,
+        )
+        self.lines = 0
+        self.partial = 0
+
+    def process(self, records: list[Record]) -> list[Line]:
+        out: list[Line] = []
+        self.assembler.process(records, out, self._other)
+        return self._counted(out)
+
+    def _other(self, rec: Record) -> None:
+        if rec[4] == EV_CGROUP and self.on_cgroup is not None:
+            self.on_cgroup(rec[1], rec[8].decode("utf-8", "replace"), rec[0])
+
+    def flush_idle(self) -> list[Line]:
+        out: list[Line] = []
+        self.assembler.flush_idle(boottime_ns(), out)
+        return self._counted(out)
+
+    def flush_all(self) -> list[Line]:
+        out: list[Line] = []
+        self.assembler.flush_all(out)
+        return self._counted(out)
+
+    def _counted(self, out: list[Line]) -> list[Line]:
+        self.lines += len(out)
+        self.partial += sum(1 for line in out if line[5])
+        return out

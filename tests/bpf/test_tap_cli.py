@@ -127,7 +127,7 @@ def test_a_failing_ring_drain_stops_the_tap_with_an_error(
 
     from agent.capture import events
     from agent.config import Config
-    from agent.pipeline import TapPipeline, resolve_targets
+    from agent.tap import TapPipeline, resolve_targets
 
     def broken_drain(self: events.RingReader, max_bytes: int) -> bytes:
         raise OSError("ring mapping gone")
