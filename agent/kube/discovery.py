@@ -157,7 +157,7 @@ class Discovery:
     first exec in a cgroup (authoritative: the runtime's exec of the entrypoint); without
     them those of the container's init process are read from /proc. `find_own_cgroup`
     finds the agent's own container cgroup (`cgroups.own_cgroup`; None: don't) at the first
-    poll.
+    poll. `clock` (monotonic seconds) times the grace period of gone containers.
     """
 
     def __init__(
@@ -172,6 +172,7 @@ class Discovery:
         *,
         learned_idents: Callable[[int], Idents | None] = _nothing_learned,
         find_own_cgroup: OwnCgroupFinder | None = own_cgroup,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.filters = filters
@@ -192,6 +193,7 @@ class Discovery:
         self.namespace_labels: Callable[[str], dict[str, str]] = lambda _namespace: {}
         self.node_labels: dict[str, str] = {}
         self.learned_idents = learned_idents
+        self._clock = clock  # for the grace period of gone containers
         self.repolls = RepollSchedule(
             cfg.repoll_min_interval_ms / 1000,
             cfg.poll_interval_s,
@@ -300,7 +302,7 @@ class Discovery:
 
     def sync(self, metas: list[ContainerMeta]) -> None:
         """Make the map and the metadata match the kubelet's containers."""
-        now = time.monotonic()
+        now = self._clock()
         index = scan_containers(self.mount, self.cfg.cgroup_roots)
         by_created_id = {cid: cg for cg, (cid, _ts) in self.created.items()}
         own_pods = self._own_pod_uids(metas)
