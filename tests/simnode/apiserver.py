@@ -344,7 +344,7 @@ class FakeApiServer(LoopbackHttpsServer):
         with self._lock:
             return len(self._watchers)
 
-    def wait_for_watches(self, count: int = 1, timeout: float = 5.0) -> bool:
+    def wait_for_watches(self, count: int = 1, timeout: float = 60.0) -> bool:
         """Wait until `count` watches have been established in total (watch_count)."""
         deadline = time.monotonic() + timeout
         with self._watch_established:

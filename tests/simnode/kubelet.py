@@ -302,11 +302,13 @@ class FakeKubelet(LoopbackHttpsServer):
         node_name: str = DEFAULT_NODE_NAME,
         tls: TLSFiles | None = None,
         slow_delay_s: float = 2.0,
+        retry_after_s: int = 1,
     ) -> None:
         super().__init__(token=token, tls=tls)
         self.node_name = node_name
         self._mode = "ok"
         self._slow_delay_s = slow_delay_s
+        self._retry_after_s = retry_after_s
         self._one_shot: deque[str] = deque()
         self._fault_body: str | None = None
         self._pods: dict[tuple[str, str], Any] = {}
@@ -329,13 +331,22 @@ class FakeKubelet(LoopbackHttpsServer):
     def mode(self, value: str) -> None:
         self.set_mode(value)
 
-    def set_mode(self, mode: str, *, slow_delay_s: float | None = None) -> None:
+    def set_mode(
+        self,
+        mode: str,
+        *,
+        slow_delay_s: float | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        """`slow_delay_s`: how long "slow" waits; `retry_after_s`: the Retry-After of "429"."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         with self._lock:
             previous, self._mode = self._mode, mode
             if slow_delay_s is not None:
                 self._slow_delay_s = slow_delay_s
+            if retry_after_s is not None:
+                self._retry_after_s = retry_after_s
         if self._loop is None or previous == mode:
             return
         if mode == "down":
@@ -434,6 +445,7 @@ class FakeKubelet(LoopbackHttpsServer):
             self._request_count += 1
             mode = self._one_shot.popleft() if self._one_shot else self._mode
             expected, delay, fault_body = self._token, self._slow_delay_s, self._fault_body
+            retry_after = self._retry_after_s
             authenticated = bearer_matches(request.headers.get("Authorization"), expected)
             if not authenticated:
                 self._unauthorized_count += 1
@@ -445,13 +457,14 @@ class FakeKubelet(LoopbackHttpsServer):
             return _text(404, "404 page not found\n")
         if request.method != "GET":
             return _text(405, "Method Not Allowed", headers={"Allow": "GET"})
-        return await self._answer_pods(mode, delay, fault_body)
+        return await self._answer_pods(mode, delay, fault_body, retry_after)
 
     async def _answer_pods(
-        self, mode: str, delay: float, fault_body: str | None
+        self, mode: str, delay: float, fault_body: str | None, retry_after: int
     ) -> web.StreamResponse:
         if mode == "429":
-            return _text(429, fault_body or "Too Many Requests", headers={"Retry-After": "1"})
+            headers = {"Retry-After": str(retry_after)}
+            return _text(429, fault_body or "Too Many Requests", headers=headers)
         if mode == "500":
             return _text(500, fault_body or "Internal Error: failed to list pods\n")
         if mode == "malformed":
