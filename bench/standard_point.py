@@ -1,0 +1,287 @@
+"""The standard point: 10 containers x 1,000 lines/s into a loopback Loki (run as root).
+
+Each container of a simulated node (kubelet-style cgroups, systemd driver: the
+writer's stdout is a pipe drained by the node's reader) runs a C writer that
+puts its id, a sequence number and its CLOCK_REALTIME write time in every
+100-byte line, one line per write().  `podtap run` ships into `LatencyLoki`, a
+FakeLoki that validates pushes as Loki does and, instead of storing entries,
+notes each line's receipt time.  Reported: agent CPU (cores), RSS average and
+max, lines lost, p50/p99/max latency from write() to the sink's receipt.
+
+    python bench/standard_point.py [--seconds 300] [--containers 10] [--rate 1000] [--json]
+
+The writer and the latency receivers are shared with bench/peers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiohttp import web  # noqa: E402
+
+from bench.memory import MIB, measure  # noqa: E402
+from bench.tap_throughput import process_cpu_s  # noqa: E402
+from tests.simnode.esbulk import EsBulkServer, Received  # noqa: E402
+from tests.simnode.loki import FakeLoki, _Stream  # noqa: E402
+
+LINE = 100
+# A writer: `writer ID LINES RATE LEN CRI`.  Every line is
+#   w<ID> s<SEQ> t<REALTIME_NS> xxxx...\n            (CRI=0: the container's stdout)
+#   <RFC3339Nano> stdout F w<ID> s<SEQ> t<NS> xx...\n (CRI=1: as a runtime writes a log file)
+# LEN is the length of the application's line, the CRI prefix comes on top of it.
+WRITER_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+static double mono(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv) {
+    int id = atoi(argv[1]);
+    long lines = atol(argv[2]);
+    double rate = atof(argv[3]);
+    int len = atoi(argv[4]);
+    int cri = atoi(argv[5]);
+    char buf[70000];
+    double start = mono();
+    for (long i = 0; i < lines; i++) {
+        if (rate > 0) {
+            double ahead = start + i / rate - mono();
+            if (ahead > 0.0005) {
+                struct timespec d = {(time_t)ahead, (long)((ahead - (time_t)ahead) * 1e9)};
+                nanosleep(&d, 0);
+            }
+        }
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        int n = 0;
+        if (cri) {
+            struct tm tm;
+            gmtime_r(&now.tv_sec, &tm);
+            n = (int)strftime(buf, 40, "%Y-%m-%dT%H:%M:%S", &tm);
+            n += sprintf(buf + n, ".%09ldZ stdout F ", now.tv_nsec);
+        }
+        int body = sprintf(buf + n, "w%d s%ld t%lld ", id, i,
+                           (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+        if (body < len - 1) memset(buf + n + body, 'x', (size_t)(len - 1 - body));
+        n += len - 1 > body ? len - 1 : body;
+        buf[n++] = '\n';
+        char *p = buf;
+        while (n > 0) {
+            ssize_t w = write(1, p, (size_t)n);
+            if (w <= 0) return 1;
+            p += w;
+            n -= (int)w;
+        }
+    }
+    return 0;
+}
+"""
+MARK = re.compile(rb"w(\d+) s(\d+) t(\d+) ")
+
+
+def build_writer(tmp: str) -> str:
+    src, exe = os.path.join(tmp, "stamped.c"), os.path.join(tmp, "stamped")
+    Path(src).write_text(WRITER_C)
+    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+class LatencyBook:
+    """Receipt of stamped lines: unique lines per writer and write -> receipt latencies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[tuple[int, int]] = set()
+        self._latency_ns: list[int] = []
+        self.duplicates = 0
+
+    def note(self, text: bytes, received_ns: int) -> None:
+        found = [(int(w), int(s), int(t)) for w, s, t in MARK.findall(text)]
+        with self._lock:
+            for writer, seq, written in found:
+                key = (writer, seq)
+                if key in self._seen:
+                    self.duplicates += 1
+                    continue
+                self._seen.add(key)
+                self._latency_ns.append(received_ns - written)
+
+    def unique(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen.clear()
+            self._latency_ns.clear()
+            self.duplicates = 0
+
+    def summary(self, expected: int) -> dict[str, Any]:
+        with self._lock:
+            lat = sorted(self._latency_ns)
+            got = len(self._seen)
+        return {
+            "expected": expected,
+            "received": got,
+            "lost": expected - got,
+            "duplicates": self.duplicates,
+            "p50_s": percentile(lat, 0.50),
+            "p99_s": percentile(lat, 0.99),
+            "max_s": lat[-1] / 1e9 if lat else None,
+        }
+
+
+def percentile(sorted_ns: list[int], q: float) -> float | None:
+    if not sorted_ns:
+        return None
+    return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1e9
+
+
+class LatencyLoki(FakeLoki):
+    """FakeLoki that validates every push but keeps only receipt times, not entries."""
+
+    def __init__(self, book: LatencyBook) -> None:
+        super().__init__()
+        self.book = book
+
+    async def _route(self, request: web.Request, body: bytes) -> web.Response:
+        self._received_ns = time.time_ns()
+        return await super()._route(request, body)
+
+    def _append(self, tenant: str, key: str, stream: _Stream,
+                entries: list[tuple[int, str, dict[str, str]]]) -> str | None:
+        self.book.note("".join(line for _, line, _ in entries).encode(), self._received_ns)
+        return None
+
+
+class LatencyEs(EsBulkServer):
+    """EsBulkServer that notes each stamped line's receipt and answers without keeping it."""
+
+    def __init__(self, book: LatencyBook) -> None:
+        super().__init__()
+        self.book = book
+
+    async def _respond(self, received: Received) -> web.StreamResponse:
+        self.book.note(received.body, time.time_ns())
+        response = await super()._respond(received)
+        with self._lock:
+            self.received.clear()  # bodies are not needed; keep memory flat
+            self.docs.clear()
+        return response
+
+
+class Sampler(threading.Thread):
+    """CPU seconds and RSS of one process, sampled every `period` seconds."""
+
+    def __init__(self, pid: int, period: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.rss: list[int] = []
+        self.rss_without_ring: list[int] = []
+        self._halt = threading.Event()
+        self.cpu0 = process_cpu_s(pid)
+        self.t0 = time.monotonic()
+        self.cpu_s = 0.0
+        self.elapsed_s = 0.0
+
+    def run(self) -> None:
+        while not self._halt.wait(self.period):
+            self.sample()
+
+    def sample(self) -> None:
+        try:
+            mem = measure(self.pid)
+        except OSError:
+            return
+        self.rss.append(mem.rss)
+        self.rss_without_ring.append(mem.rss - mem.ring)
+
+    def finish(self) -> dict[str, Any]:
+        self.cpu_s = process_cpu_s(self.pid) - self.cpu0
+        self.elapsed_s = time.monotonic() - self.t0
+        self._halt.set()
+        self.join(10)
+        self.sample()
+        return {
+            "cpu_cores": self.cpu_s / self.elapsed_s,
+            "rss_avg_mib": sum(self.rss) / len(self.rss) / MIB,
+            "rss_max_mib": max(self.rss) / MIB,
+            "rss_without_ring_avg_mib": sum(self.rss_without_ring) / len(self.rss) / MIB,
+            "rss_without_ring_max_mib": max(self.rss_without_ring) / MIB,
+        }
+
+
+def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[str, Any]:
+    """One standard-point run; returns its figures (JSON-serialisable)."""
+    from tests.e2e.agent import AgentRun
+    from tests.simnode.node import SimContainerSpec, SimNode
+
+    lines = int(seconds * rate)
+    book = LatencyBook()
+    with SimNode() as node, LatencyLoki(book) as loki, tempfile.TemporaryDirectory() as tmp:
+        exe = build_writer(tmp)
+        agent = AgentRun(node, Path(tmp), sinks={"loki": {"kind": "loki", "url": loki.url}})
+        try:
+            time.sleep(2)  # settle after start
+            sampler = Sampler(agent.proc.pid)
+            sampler.start()
+            pods = [
+                node.run_pod("bench", f"std-{i}", [SimContainerSpec(
+                    "app", f"exec {exe} {i} {lines} {rate} {LINE} 0")], driver="systemd")
+                for i in range(containers)
+            ]
+            for pod in pods:
+                pod.wait(seconds * 2 + 60)
+            writers_s = time.monotonic() - sampler.t0
+            deadline = time.monotonic() + 60
+            while book.unique() < lines * containers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            usage = sampler.finish()
+        finally:
+            stats = agent.stop()
+    return {
+        "containers": containers,
+        "rate_per_container": rate,
+        "seconds": seconds,
+        "writers_s": writers_s,
+        "sink": "loki (loopback), gzip on, default batch (1 s max age)",
+        **usage,
+        **book.summary(lines * containers),
+        "kernel_drop_records": stats.get("kernel_drop_records"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--containers", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=1000, help="lines/s per container")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    result = run(args.seconds, args.containers, args.rate)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"  {key:28s} {value}")
+
+
+if __name__ == "__main__":
+    main()
