@@ -94,6 +94,7 @@ int main(int argc, char **argv) {
 }
 """
 MARK = re.compile(rb"w(\d+) s(\d+) t(\d+) ")
+WARMUP_ID = 99  # a writer with this id only shows that a shipper is up: not counted
 
 
 def build_writer(tmp: str) -> str:
@@ -111,11 +112,15 @@ class LatencyBook:
         self._seen: set[tuple[int, int]] = set()
         self._latency_ns: list[int] = []
         self.duplicates = 0
+        self.warmups = 0
 
     def note(self, text: bytes, received_ns: int) -> None:
         found = [(int(w), int(s), int(t)) for w, s, t in MARK.findall(text)]
         with self._lock:
             for writer, seq, written in found:
+                if writer == WARMUP_ID:
+                    self.warmups += 1
+                    continue
                 key = (writer, seq)
                 if key in self._seen:
                     self.duplicates += 1
@@ -132,6 +137,7 @@ class LatencyBook:
             self._seen.clear()
             self._latency_ns.clear()
             self.duplicates = 0
+            self.warmups = 0
 
     def summary(self, expected: int) -> dict[str, Any]:
         with self._lock:
@@ -145,6 +151,7 @@ class LatencyBook:
             "p50_s": percentile(lat, 0.50),
             "p99_s": percentile(lat, 0.99),
             "max_s": lat[-1] / 1e9 if lat else None,
+            "latency_quantiles_s": [percentile(lat, i / 100) for i in range(101)] if lat else [],
         }
 
 
@@ -225,6 +232,8 @@ class Sampler(threading.Thread):
             "rss_max_mib": max(self.rss) / MIB,
             "rss_without_ring_avg_mib": sum(self.rss_without_ring) / len(self.rss) / MIB,
             "rss_without_ring_max_mib": max(self.rss_without_ring) / MIB,
+            "rss_series_mib": [round(r / MIB, 2) for r in self.rss],
+            "sample_period_s": self.period,
         }
 
 
@@ -268,14 +277,82 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
     }
 
 
+def build_static_writer(tmp: str) -> str:
+    """The stamped writer linked statically, to run inside a busybox container."""
+    src, exe = os.path.join(tmp, "stamped.c"), os.path.join(tmp, "stamped-static")
+    Path(src).write_text(WRITER_C)
+    subprocess.run(["gcc", "-O2", "-static", "-o", exe, src], check=True)
+    return exe
+
+
+def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_000, 40_000),
+                    containers: int = 2) -> dict[str, Any]:
+    """`podtap run` on containerd containers (`ctr run`, the shim relaying to `ctr`) writing
+    stamped lines at rising total rates into a loopback `_bulk`; stops at the first rate
+    with a lost line or a drain longer than 10 s."""
+    from tests.e2e.agent import AgentRun
+    from tests.simnode.node import SimContainerSpec, SimNode
+
+    book = LatencyBook()
+    rows = []
+    with SimNode() as node, LatencyEs(book) as es, tempfile.TemporaryDirectory() as tmp:
+        exe = build_static_writer(tmp)
+        inside = node.rootfs / "stamped"
+        inside.write_bytes(Path(exe).read_bytes())
+        inside.chmod(0o755)
+        agent = AgentRun(node, Path(tmp), sinks={"es": {"kind": "elasticsearch", "url": es.url}})
+        try:
+            node.run_pod("bench", "warm", [SimContainerSpec(
+                "app", f"exec /stamped {WARMUP_ID} 1 0 {LINE} 0")]).wait(60)
+            deadline = time.monotonic() + 60
+            while book.warmups < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for rate in rates:
+                book.reset()
+                per = rate // containers
+                lines = int(per * seconds)
+                sampler = Sampler(agent.proc.pid, 0.5)
+                sampler.start()
+                pods = [node.run_pod("bench", f"ctr-{rate}-{i}", [SimContainerSpec(
+                    "app", f"exec /stamped {i} {lines} {per} {LINE} 0")])
+                    for i in range(containers)]
+                for pod in pods:
+                    pod.wait(seconds * 6 + 60)
+                writers_s = time.monotonic() - sampler.t0
+                end = time.monotonic()
+                while book.unique() < lines * containers and time.monotonic() - end < 30:
+                    time.sleep(0.05)
+                lag = time.monotonic() - end
+                usage = sampler.finish()
+                summary = book.summary(lines * containers)
+                summary.pop("latency_quantiles_s")
+                sustained = summary["lost"] == 0 and lag <= 10
+                rows.append({"rate": rate, "sustained": sustained, "writers_s": writers_s,
+                             "drain_lag_s": lag, "cpu_cores": usage["cpu_cores"],
+                             "rss_max_mib": usage["rss_max_mib"], **summary})
+                for pod in pods:
+                    node.delete_pod(pod)
+                if not sustained:
+                    break
+        finally:
+            agent.stop()
+    return {"containers": containers, "seconds": seconds, "rows": rows,
+            "sink": "Elasticsearch _bulk (loopback), gzip on"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--containers", type=int, default=10)
     parser.add_argument("--rate", type=int, default=1000, help="lines/s per container")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--containerd", default="",
+                        help="instead: the containerd ramp at these total rates (comma-separated)")
     args = parser.parse_args()
-    result = run(args.seconds, args.containers, args.rate)
+    if args.containerd:
+        result = containerd_ramp(args.seconds, tuple(map(int, args.containerd.split(","))))
+    else:
+        result = run(args.seconds, args.containers, args.rate)
     if args.json:
         print(json.dumps(result))
         return

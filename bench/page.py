@@ -1,0 +1,708 @@
+"""The benchmark page: run every case, write docs/benchmarks.md and docs/bench/*.png (root).
+
+    python bench/page.py                 # full run (~40 min): docs/benchmarks.md
+    python bench/page.py --smoke         # every case shortened (< 3 min), into a temp dir;
+                                         # exits 1 if any case broke
+    python bench/page.py --render-only   # the page again from docs/bench/results.json
+
+Every figure of a table is measured in the same run as what it is compared with;
+results.json keeps the raw figures next to the page.  A case that fails or whose
+script does not exist yet is shown as "not measured" with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+Results = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How long each case runs: the full run or the smoke run of CI."""
+
+    smoke: bool
+
+    def pick(self, full: Any, smoke: Any) -> Any:
+        return smoke if self.smoke else full
+
+
+# --- the machine -----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "agent", "bpf"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    debian = Path("/etc/debian_version")
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": f"{platform.release()} ({platform.version()})",
+        "os": f"Debian {debian.read_text().strip()}" if debian.exists() else platform.platform(),
+        "python": platform.python_version(),
+        "podtap": commit + (" (with local changes)" if dirty else ""),
+        "load_before": os.getloadavg()[0],
+    }
+
+
+# --- write() cost -----------------------------------------------------------------------
+
+COST_WRITER_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+/* cost SIZE SYSCALL(0 write, 1 writev of two halves) CALLS RESULT_FILE */
+int main(int argc, char **argv) {
+    size_t size = (size_t)atol(argv[1]);
+    int vec = atoi(argv[2]);
+    long n = atol(argv[3]);
+    char *buf = malloc(size);
+    memset(buf, 'x', size);
+    buf[size - 1] = '\n';
+    struct iovec iov[2] = {{buf, size / 2}, {buf + size / 2, size - size / 2}};
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        ssize_t w = vec ? writev(1, iov, 2) : write(1, buf, size);
+        if (w != (ssize_t)size) return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    FILE *out = fopen(argv[4], "w");
+    fprintf(out, "%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+    fclose(out);
+    return 0;
+}
+"""
+COST_VARIANTS = (("write", 100), ("writev", 100), ("write", 65536), ("writev", 65536))
+COST_CONDITIONS = ("no probe", "empty programs", "podtap, unwatched", "podtap, watched",
+                   "no probe (drift check)")
+EMPTY_BPF = "int empty(void *ctx) { return 0; }"
+
+
+def write_cost(mode: Mode) -> Results:
+    """ns per call for each (syscall, size) under each probe condition, same writer."""
+    from bench.write_cost import Stream, start_tap, stop_tap
+    from tests.simnode.containers import CgroupSandbox
+
+    runs = mode.pick(5, 1)
+    calls = {100: mode.pick(300_000, 20_000), 65536: mode.pick(20_000, 1_000)}
+    box = CgroupSandbox(prefix="podtap-bench")
+    streams: list[Any] = []
+    table: dict[str, dict[str, float]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = Path(tmp, "cost.c"), str(Path(tmp, "cost"))
+            src.write_text(COST_WRITER_C)
+            subprocess.run(["gcc", "-O2", "-o", exe, str(src)], check=True)
+            watched = Stream(box.container("watched").path)
+            other = Stream(box.container("other").path)
+            streams += [watched, other]
+            time.sleep(0.2)
+
+            def measure_all(condition: str) -> None:
+                for syscall, size in COST_VARIANTS:
+                    ns = []
+                    for _ in range(runs):
+                        result = Path(tmp, "result")
+                        proc = watched.spawn([exe, str(size), str(int(syscall == "writev")),
+                                              str(calls[size]), str(result)])
+                        if proc.wait() != 0:
+                            raise RuntimeError(f"the cost writer failed ({syscall}, {size})")
+                        ns.append(float(result.read_text()))
+                    table.setdefault(f"{syscall} {size} B", {})[condition] = statistics.median(ns)
+
+            measure_all("no probe")
+            with empty_programs() as attached:
+                measure_all("empty programs")
+            tap = start_tap(other.cgroup)
+            measure_all("podtap, unwatched")
+            stop_tap(tap)
+            tap = start_tap(watched.cgroup)
+            measure_all("podtap, watched")
+            counters = stop_tap(tap)
+            measure_all("no probe (drift check)")
+    finally:
+        for stream in streams:
+            stream.close()
+        box.cleanup()
+    return {"ns": table, "runs": runs, "calls": {str(k): v for k, v in calls.items()},
+            "empty_tracepoints": attached, "watched_tap_counters": counters}
+
+
+class empty_programs:  # noqa: N801 (a context manager used as a phrase)
+    """An empty BPF program on every tracepoint `podtap tap` attaches to."""
+
+    def __enter__(self) -> list[str]:
+        from agent.capture.headers import find_kernel_headers
+        from agent.capture.host import ensure_tracefs
+        from agent.capture.probe import Probe
+        from agent.config import Config
+
+        ensure_tracefs()
+        os.environ["BCC_KERNEL_SOURCE"] = find_kernel_headers().path
+        from bcc import BPF
+
+        self.bpf = BPF(text=EMPTY_BPF)
+        attached = []
+        for hook in Probe(Config().capture).hooks:
+            try:
+                self.bpf.attach_tracepoint(tp=hook.tracepoint.encode(), fn_name=b"empty")
+                attached.append(hook.tracepoint)
+            except Exception:  # noqa: BLE001 (an optional tracepoint this kernel lacks)
+                continue
+        return attached
+
+    def __exit__(self, *_: object) -> None:
+        self.bpf.cleanup()
+
+
+# --- cases run by other scripts ---------------------------------------------------------
+
+
+def run_script(argv: list[str], timeout: float) -> str:
+    """stdout of a bench script (raises with its stderr's tail when it fails)."""
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return proc.stdout
+
+
+def last_json(text: str) -> Any:
+    """The last line of `text` that parses as a JSON object or list (None if none)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line[:1] in "{[":
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def agent_throughput(mode: Mode) -> Results:
+    script = REPO / "bench" / "agent_throughput.py"
+    if not script.exists():
+        return {"not_measured": "bench/agent_throughput.py does not exist yet"}
+    args = [str(script), *(["--smoke"] if mode.smoke else [])]
+    if "--json" in run_script([str(script), "--help"], timeout=60):
+        args.append("--json")
+    out = run_script(args, timeout=mode.pick(3600, 150))
+    return {"data": last_json(out), "text": out}
+
+
+def containerd_case(mode: Mode) -> Results:
+    from bench.standard_point import containerd_ramp
+
+    return containerd_ramp(seconds=mode.pick(20, 4),
+                           rates=mode.pick((10_000, 20_000, 40_000, 60_000, 80_000), (10_000,)))
+
+
+def standard_point(mode: Mode) -> Results:
+    from bench.standard_point import run
+
+    return run(seconds=mode.pick(300, 15))
+
+
+def peers(mode: Mode) -> Results:
+    from bench.peers import run
+
+    return run(seconds=mode.pick(20, 4),
+               rates=mode.pick((10_000, 20_000, 40_000, 80_000, 120_000), (10_000,)))
+
+
+def scale(mode: Mode) -> Results:
+    from bench.scale import run
+
+    return run(containers=mode.pick(1000, 100), idle_s=mode.pick(30, 5))
+
+
+MICRO = (  # (script and full-run flags, smoke-run flags)
+    (["bench/memory.py"], ["bench/memory.py", "--seconds", "2"]),
+    (["bench/tap_throughput.py"], None),
+    (["bench/decode_bench.py"], ["bench/decode_bench.py"]),
+    (["bench/lines_bench.py"], ["bench/lines_bench.py", "--scale", "0.05", "--reps", "1"]),
+    (["bench/records_bench.py"], ["bench/records_bench.py", "--lines", "20000"]),
+    (["bench/codec_bench.py"], ["bench/codec_bench.py", "--rounds", "1"]),
+    (["bench/disk_buffer_bench.py"], ["bench/disk_buffer_bench.py", "--batches", "4"]),
+)
+
+
+def micro(mode: Mode) -> Results:
+    """The component scripts' own text output (they print human-readable figures)."""
+    out: dict[str, str] = {}
+    for full, smoke in MICRO:
+        argv = smoke if mode.smoke else full
+        if argv is None:
+            continue
+        out[" ".join(argv)] = run_script(argv, timeout=mode.pick(1800, 60))
+    return {"outputs": out}
+
+
+CASES: dict[str, Callable[[Mode], Results]] = {
+    "write_cost": write_cost,
+    "standard_point": standard_point,
+    "peers": peers,
+    "agent_throughput": agent_throughput,
+    "containerd": containerd_case,
+    "scale": scale,
+    "micro": micro,
+}
+
+
+# --- the page ---------------------------------------------------------------------------
+
+PUBLISHED = (  # (collector, figure, source); never measured here
+    ("Fluent Bit", "~53 MiB RSS at 10K logs/s", "VictoriaMetrics collector benchmark, 2026"),
+    ("vlagent", "~32 MiB RSS at 10K logs/s", "VictoriaMetrics collector benchmark, 2026"),
+    ("Fluent Bit, Vector, Alloy", "max out at 32-41K logs/s on 1 CPU",
+     "VictoriaMetrics collector benchmark, 2026"),
+)
+GOALS = {"rss": 48.0, "cpu": 0.05, "rate": 200_000, "cost": 10.0, "p99": 1.5}
+
+
+def num(value: Any, fmt: str = "{:,.0f}", unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return fmt.format(value) + unit
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def not_measured(case: Results | None, name: str) -> str | None:
+    """The reason a case has no figures, or None when it has some."""
+    if case is None:
+        return f"*{name}: not measured in this run.*\n"
+    if "error" in case:
+        return f"*{name}: not measured: the case failed: `{case['error'].splitlines()[0]}`*\n"
+    if "not_measured" in case:
+        return f"*{name}: not measured: {case['not_measured']}.*\n"
+    return None
+
+
+class Plots:
+    """PNG plots into one directory, linked relative to the page."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, fig: Any, name: str, alt: str) -> str:
+        path = self.directory / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return f"![{alt}]({self.directory.name}/{path.name})\n"
+
+
+def figure(cols: int = 1, width: float = 7.0, height: float = 3.2) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, cols, figsize=(width, height), squeeze=False)
+
+
+def cost_over_empty(ns: dict[str, float]) -> float | None:
+    """podtap's added cost for an unwatched writer over the empty programs', in %."""
+    base = ns.get("no probe")
+    empty, tap = ns.get("empty programs"), ns.get("podtap, unwatched")
+    if base is None or empty is None or tap is None or empty - base <= 0:
+        return None
+    return 100 * ((tap - base) / (empty - base) - 1)
+
+
+def section_write_cost(case: Results | None, plots: Plots) -> str:
+    out = "## write() cost\n\n"
+    missing = not_measured(case, "write() cost")
+    if missing or case is None:
+        return out + (missing or "")
+    out += (f"ns per call of a C writer into a pipe drained by `cat`, median of {case['runs']} "
+            f"run(s) of {case['calls']['100']:,} (100 B) / {case['calls']['65536']:,} (64 KiB) "
+            "calls; `writev` writes two halves. Empty programs: an empty BPF program on each "
+            f"of the {len(case['empty_tracepoints'])} tracepoints `podtap tap` attaches. "
+            "Unwatched: podtap watches another cgroup. Watched: `podtap tap --format json > "
+            "/dev/null` copies every write.\n\n")
+    rows = []
+    for variant, ns in case["ns"].items():
+        base = ns.get("no probe", 0.0)
+        cells = [variant]
+        for cond in COST_CONDITIONS:
+            v = ns.get(cond)
+            if v is None:
+                cells.append("n/a")
+            elif cond.startswith("no probe"):
+                cells.append(f"{v:,.0f}")
+            else:
+                cells.append(f"{v:,.0f} (+{v - base:,.0f})")
+        cells.append(num(cost_over_empty(ns), "{:+.0f}", " %"))
+        rows.append(cells)
+    out += table(["write", *COST_CONDITIONS, "podtap unwatched vs empty programs (goal ≤ +10 %)"],
+                 rows)
+    out += f"\nTap counters of the watched run: `{case.get('watched_tap_counters', '')}`\n\n"
+    fig, axes = figure(2, 9, 3.4)
+    for ax, size in zip(axes[0], ("100 B", "65536 B"), strict=True):
+        variants = [v for v in case["ns"] if v.endswith(size)]
+        conds = COST_CONDITIONS[1:4]
+        for i, cond in enumerate(conds):
+            added = [case["ns"][v].get(cond, 0) - case["ns"][v].get("no probe", 0)
+                     for v in variants]
+            ax.bar([j + i * 0.25 for j in range(len(variants))], added, 0.25, label=cond)
+        ax.set_xticks([j + 0.25 for j in range(len(variants))], variants)
+        ax.set_ylabel("ns added per call")
+        ax.set_title(f"{size} writes")
+    axes[0][0].legend(fontsize=7)
+    return out + plots.save(fig, "write_cost", "ns added per write() call")
+
+
+def section_standard_point(case: Results | None, plots: Plots) -> str:
+    out = "## The standard point\n\n"
+    missing = not_measured(case, "standard point")
+    if missing or case is None:
+        return out + (missing or "")
+    out += (f"{case['containers']} containers × {case['rate_per_container']:,} lines/s of 100 "
+            f"bytes for {case['seconds']:.0f} s, `podtap run` into {case['sink']}. Each line "
+            "carries its `write()` time; the sink notes its receipt.\n\n")
+    p99 = case.get("p99_s")
+    rows = [
+        ["agent CPU", num(case["cpu_cores"], "{:.3f}", " cores"), ""],
+        ["agent RSS avg / max", f"{case['rss_avg_mib']:.1f} / {case['rss_max_mib']:.1f} MiB", ""],
+        ["agent RSS without the ring buffer avg / max",
+         f"{case['rss_without_ring_avg_mib']:.1f} / {case['rss_without_ring_max_mib']:.1f} MiB",
+         f"≤ {GOALS['rss']:.0f} MiB"],
+        ["lines lost", f"{case['lost']:,} of {case['expected']:,}", "0"],
+        ["kernel drops (records)", num(case.get("kernel_drop_records")), "0"],
+        ["latency p50 / p99 / max", f"{num(case.get('p50_s'), '{:.3f}')} / "
+         f"{num(p99, '{:.3f}')} / {num(case.get('max_s'), '{:.3f}')} s",
+         f"p99 ≤ {GOALS['p99']} s"],
+    ]
+    out += table(["what", "measured", "goal"], rows) + "\n"
+    if case.get("latency_quantiles_s") and case.get("rss_series_mib"):
+        fig, axes = figure(2, 9, 3.2)
+        q = case["latency_quantiles_s"]
+        axes[0][0].plot(q, [i / (len(q) - 1) for i in range(len(q))])
+        axes[0][0].set_xlabel("write() → sink receipt (s)")
+        axes[0][0].set_ylabel("fraction of lines")
+        axes[0][0].set_title("latency CDF")
+        series = case["rss_series_mib"]
+        axes[0][1].plot([i * case.get("sample_period_s", 1.0) for i in range(len(series))],
+                        series)
+        axes[0][1].set_xlabel("s")
+        axes[0][1].set_ylabel("VmRSS (MiB)")
+        axes[0][1].set_title("agent RSS")
+        out += plots.save(fig, "standard_point", "latency CDF and agent RSS at the standard point")
+    return out
+
+
+def sustained_max(rows: list[dict[str, Any]], shipper: str) -> int | None:
+    rates = [r["rate"] for r in rows if r["shipper"] == shipper and r["sustained"]]
+    return max(rates) if rates else None
+
+
+def at_rate(rows: list[dict[str, Any]], shipper: str, rate: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["shipper"] == shipper and r["rate"] == rate), None)
+
+
+def section_peers(case: Results | None, plots: Plots) -> str:
+    out = "## Side by side with peers\n\n"
+    missing = not_measured(case, "peers")
+    if missing or case is None:
+        return out + (missing or "")
+    rows = case["rows"]
+    shippers = list(dict.fromkeys(r["shipper"] for r in rows))
+    tried = sorted({r["rate"] for r in rows})
+    out += (
+        f"The same stamped {case['line_bytes']}-byte lines from {case['writers']} writer "
+        f"processes (one line per `write()`), {case['seconds']:.0f} s per rate, into the same "
+        f"sink: {case['sink']}. rsyslog (`imfile` → `omelasticsearch`) and syslog-ng "
+        "(`wildcard-file()` → `http()`) tail CRI-format files (`<RFC3339Nano> stdout F <line>`) "
+        "that **the writer processes write themselves** (not conmon); podtap captures the "
+        "writers' stdout pipes in kubelet-style cgroups. CPU = the shipper's CPU + the writers' "
+        "extra CPU over writers into a drained pipe with nothing watching (the file writes for "
+        "the peers, the probe for podtap). A rate is sustained when every line reached the "
+        "sink within 10 s of the writers' end. The peers ship the raw CRI line without "
+        "Kubernetes metadata; podtap's records are enriched (kubelet metadata, Fluent Bit "
+        "schema).\n\n")
+    summary = []
+    for s in shippers:
+        r10 = at_rate(rows, s, tried[0])
+        best = sustained_max(rows, s)
+        top = "" if best is None or best < tried[-1] else " (the highest rate tried)"
+        summary.append([
+            s, num(best, unit=" lines/s") + top,
+            *([num(r10["total_cores"], "{:.3f}"), num(r10["shipper_cores"], "{:.3f}"),
+               num(r10["writer_extra_cores"], "{:.3f}"), num(r10["rss_max_mib"], "{:.1f}"),
+               f"{num(r10['p50_s'], '{:.3f}')} / {num(r10['p99_s'], '{:.3f}')}"]
+              if r10 else ["n/a"] * 5)])
+    rate0 = f"{tried[0]:,}"
+    out += table(["shipper", "max zero-loss rate", f"CPU at {rate0} lines/s (cores)",
+                  "of which shipper", "of which writers' extra", f"RSS max at {rate0} (MiB)",
+                  f"latency p50 / p99 at {rate0} (s)"], summary)
+    out += "\nEvery step:\n\n"
+    out += table(["shipper", "lines/s", "sustained", "lost", "CPU (cores)", "RSS max (MiB)",
+                  "p50 / p99 (s)", "drained after writers (s)"],
+                 [[r["shipper"], f"{r['rate']:,}", "yes" if r["sustained"] else "**no**",
+                   f"{r['lost']:,}", f"{r['total_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
+                   f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}",
+                   f"{r['drain_lag_s']:.2f}"] for r in rows])
+    fig, axes = figure(3, 11, 3.3)
+    r10s = [at_rate(rows, s, tried[0]) or {} for s in shippers]
+    shipper_cpu = [r.get("shipper_cores", 0) for r in r10s]
+    axes[0][0].bar(shippers, shipper_cpu, label="shipper")
+    axes[0][0].bar(shippers, [r.get("writer_extra_cores", 0) for r in r10s],
+                   bottom=shipper_cpu, label="writers' extra")
+    axes[0][0].set_title(f"CPU at {rate0} lines/s (cores)")
+    axes[0][0].legend(fontsize=7)
+    axes[0][1].bar(shippers, [r.get("rss_max_mib", 0) for r in r10s])
+    axes[0][1].set_title(f"RSS max at {rate0} lines/s (MiB)")
+    axes[0][2].bar(shippers, [sustained_max(rows, s) or 0 for s in shippers])
+    axes[0][2].set_title("max zero-loss lines/s (tried)")
+    out += "\n" + plots.save(fig, "peers", "CPU, RSS and max rate of podtap and its peers")
+    return out
+
+
+def section_published() -> str:
+    out = ("## Published figures of other collectors (not measured here)\n\n"
+           "Figures quoted from their publication, on other machines: **not comparable** with "
+           "the tables above except as orders of magnitude.\n\n")
+    return out + table(["collector", "figure", "source"], [list(p) for p in PUBLISHED])
+
+
+def section_throughput(case: Results | None) -> str:
+    out = "## Throughput ramp into each loopback sink\n\n"
+    missing = not_measured(case, "throughput ramp (bench/agent_throughput.py)")
+    if missing or case is None:
+        return out + (missing or "")
+    data = case.get("data")
+    rows = data.get("rows") if isinstance(data, dict) else data if isinstance(data, list) else None
+    if rows and all(isinstance(r, dict) for r in rows):
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        out += table(keys, [[fmt_cell(r.get(k)) for k in keys] for r in rows]) + "\n"
+    text = case["text"].strip()
+    return out + f"Output of `bench/agent_throughput.py`:\n\n```\n{text}\n```\n"
+
+
+def fmt_cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def section_containerd(case: Results | None) -> str:
+    out = "## The containerd case\n\n"
+    missing = not_measured(case, "containerd case")
+    if missing or case is None:
+        return out + (missing or "")
+    out += (f"{case['containers']} containerd containers (`ctr run`, the shim relaying their "
+            "output to `ctr`), the stamped writer linked statically into the rootfs, "
+            f"{case['seconds']:.0f} s per rate, `podtap run` into {case['sink']}. On this "
+            "machine the shim relay itself caps near 70K lines/s for two containers before any "
+            "agent runs.\n\n")
+    return out + table(
+        ["lines/s", "sustained", "lost", "agent CPU (cores)", "agent RSS max (MiB)",
+         "p50 / p99 (s)"],
+        [[f"{r['rate']:,}", "yes" if r["sustained"] else "**no**", f"{r['lost']:,}",
+          f"{r['cpu_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
+          f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}"] for r in case["rows"]])
+
+
+def section_scale(case: Results | None, plots: Plots) -> str:
+    out = "## Scale: many watched containers\n\n"
+    missing = not_measured(case, "scale")
+    if missing or case is None:
+        return out + (missing or "")
+    out += ("Idle pods (one `sleep` each) in kubelet-style cgroups, all listed by the loopback "
+            "kubelet before `podtap run` starts. Kubelet sync: from the agent's last log line "
+            "before its first `/pods` request to \"capturing: N containers known\" (request, "
+            "parse, N kernel map entries). Idle CPU over "
+            f"{case['idle_seconds']:.0f} s with nothing written, polling every "
+            f"{case['poll_interval_s']:.0f} s.\n\n")
+    sizes = case["sizes"]
+    out += table(["watched containers", "kubelet sync (s)", "idle CPU (cores)", "RSS (MiB)",
+                  "RSS without ring (MiB)", "agent start (s)"],
+                 [[f"{s['containers']:,}", num(s["kubelet_sync_s"], "{:.3f}"),
+                   num(s["idle_cores"], "{:.4f}"), num(s["rss_mib"], "{:.1f}"),
+                   num(s["rss_without_ring_mib"], "{:.1f}"), num(s["agent_start_s"], "{:.1f}")]
+                  for s in sizes])
+    fig, axes = figure(2, 8, 3.0)
+    labels = [f"{s['containers']:,}" for s in sizes]
+    axes[0][0].bar(labels, [s["rss_without_ring_mib"] for s in sizes])
+    axes[0][0].set_title("RSS without ring (MiB)")
+    axes[0][1].bar(labels, [s["kubelet_sync_s"] or 0 for s in sizes])
+    axes[0][1].set_title("kubelet sync (s)")
+    for ax in axes[0]:
+        ax.set_xlabel("watched containers")
+    return out + "\n" + plots.save(fig, "scale", "RSS and kubelet sync time by watched containers")
+
+
+def section_micro(case: Results | None) -> str:
+    out = "## Component benchmarks\n\nThe text output of the component scripts of `bench/`.\n\n"
+    missing = not_measured(case, "component benchmarks")
+    if missing or case is None:
+        return out + (missing or "")
+    for argv, text in case["outputs"].items():
+        out += f"`{argv}`\n\n```\n{text.strip()}\n```\n\n"
+    return out
+
+
+def section_goals(cases: dict[str, Results]) -> str:
+    """The issue's table, with this run's figures."""
+    std, cost, prs = cases.get("standard_point", {}), cases.get("write_cost", {}), cases.get(
+        "peers", {})
+    rss = std.get("rss_without_ring_max_mib")
+    cpu = std.get("cpu_cores")
+    rate = sustained_max(prs.get("rows", []), "podtap") if "rows" in prs else None
+    worst_cost = max((c for c in (cost_over_empty(ns) for ns in cost.get("ns", {}).values())
+                      if c is not None), default=None)
+
+    def verdict(value: float | None, ok: bool) -> str:
+        return "not measured" if value is None else ("meets" if ok else "**misses**")
+
+    rows = [
+        ["RSS without the ring buffer at 10K lines/s (max)", num(rss, "{:.1f}", " MiB"),
+         f"≤ {GOALS['rss']:.0f} MiB", verdict(rss, rss is not None and rss <= GOALS["rss"])],
+        ["CPU at 10K lines/s, Loki sink, gzip on", num(cpu, "{:.3f}", " cores"),
+         f"≤ {GOALS['cpu']} core", verdict(cpu, cpu is not None and cpu <= GOALS["cpu"])],
+        ["zero-loss rate into Elasticsearch _bulk, 2 writers (highest rate tried)",
+         num(rate, unit=" lines/s"), f"≥ {GOALS['rate']:,} lines/s",
+         verdict(rate, rate is not None and rate >= GOALS["rate"])],
+        ["write() cost, unwatched writer, over empty programs (worst variant)",
+         num(worst_cost, "{:+.0f}", " %"), f"≤ +{GOALS['cost']:.0f} %",
+         verdict(worst_cost, worst_cost is not None and worst_cost <= GOALS["cost"])],
+        ["latency write() → sink p99 at the standard point", num(std.get("p99_s"), "{:.3f}",
+                                                                  " s"),
+         f"≤ {GOALS['p99']} s", verdict(std.get("p99_s"),
+                                        (std.get("p99_s") or 99) <= GOALS["p99"])],
+    ]
+    return "## Goals of issue 7\n\n" + table(["what", "this run", "goal", ""], rows)
+
+
+def render(results: Results, plots: Plots) -> str:
+    m, cases = results["machine"], results["cases"]
+    kind = "smoke run (shortened: figures are not representative)" if results["smoke"] else \
+        "full run"
+    out = (
+        "# podtap benchmarks\n\n"
+        f"Generated by `make bench` (`bench/page.py`), {kind}, on {m['date']} in "
+        f"{results.get('duration_s', 0) / 60:.0f} min. Every figure in a table was measured "
+        "in this same run as the figures it is compared with; the raw figures are in "
+        "[bench/results.json](bench/results.json).\n\n"
+        + table(["machine", ""], [
+            ["CPU", f"{m['cpu']}, {m['cpus']} CPUs"], ["memory", f"{m['memory_gib']} GiB"],
+            ["kernel", m["kernel"]], ["OS", m["os"]], ["Python", m["python"]],
+            ["podtap", m["podtap"]], ["load average before the run", f"{m['load_before']:.2f}"],
+        ])
+        + "\nThis is a 2-core development machine shared with other work: CPU figures carry "
+        "noise of a few hundredths of a core.\n\n"
+    )
+    out += section_goals(cases) + "\n"
+    out += section_write_cost(cases.get("write_cost"), plots) + "\n"
+    out += section_standard_point(cases.get("standard_point"), plots) + "\n"
+    out += section_throughput(cases.get("agent_throughput")) + "\n"
+    out += section_containerd(cases.get("containerd")) + "\n"
+    out += section_peers(cases.get("peers"), plots) + "\n"
+    out += section_published() + "\n"
+    out += section_scale(cases.get("scale"), plots) + "\n"
+    out += section_micro(cases.get("micro"))
+    return out
+
+
+def write_page(results: Results, page: Path) -> None:
+    text = render(results, Plots(page.parent / "bench"))
+    page.write_text(text)
+
+
+def run_cases(mode: Mode, only: list[str]) -> Results:
+    results: Results = {"machine": machine(), "smoke": mode.smoke, "cases": {}}
+    t0 = time.monotonic()
+    for name, case in CASES.items():
+        if only and name not in only:
+            continue
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            results["cases"][name] = case(mode)
+        except Exception as e:  # noqa: BLE001 (a broken case is reported, the rest run)
+            traceback.print_exc()
+            results["cases"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        results["cases"][name]["duration_s"] = round(time.monotonic() - started, 1)
+    results["duration_s"] = round(time.monotonic() - t0, 1)
+    return results
+
+
+def broken(results: Results) -> list[str]:
+    return [name for name, case in results["cases"].items() if "error" in case]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="short run; exit 1 if a case broke")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the page (default docs/benchmarks.md; a temp dir with --smoke)")
+    parser.add_argument("--only", default="", help=f"comma-separated cases of {list(CASES)}")
+    parser.add_argument("--render-only", action="store_true",
+                        help="render the page again from the results.json next to it")
+    args = parser.parse_args()
+    out = args.out
+    if out is None:
+        out = (Path(tempfile.mkdtemp(prefix="podtap-bench-smoke-")) / "benchmarks.md"
+               if args.smoke else DOCS / "benchmarks.md")
+    results_file = out.parent / "bench" / "results.json"
+    if args.render_only:
+        results = json.loads(results_file.read_text())
+    else:
+        results = run_cases(Mode(args.smoke), [c for c in args.only.split(",") if c])
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1, default=str))
+    write_page(results, out)
+    print(f"bench: wrote {out} and {out.parent / 'bench'}/", file=sys.stderr)
+    bad = broken(results)
+    if bad:
+        print(f"bench: BROKEN cases: {', '.join(bad)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
