@@ -117,7 +117,6 @@ def test_a_200ms_pod_loses_nothing(node: SimNode, tmp_path: Path, register: str)
     after it exited and its cgroup is gone."""
     agent = AgentRun(node, tmp_path)
     try:
-        started = time.monotonic()
         pod = node.run_pod(
             "default",
             f"blink-{register}",
@@ -125,21 +124,20 @@ def test_a_200ms_pod_loses_nothing(node: SimNode, tmp_path: Path, register: str)
             register=register,
         )
         pod.wait()
-        lifetime = time.monotonic() - started
         c = pod.containers[0]
         records = assert_container_shipped(agent, c)
         assert [r["message"] for r in records] == [f"blink {i}" for i in range(10)]
         assert_metadata(records, node, pod, c)
     finally:
         stats = agent.stop()
-    assert lifetime < 1.0  # containerd's own start-up is most of it
     assert stats["kernel_drop_records"] == 0
 
 
 def test_excluded_containers_are_filtered_in_the_kernel(node: SimNode, tmp_path: Path) -> None:
     agent = AgentRun(node, tmp_path)
     try:
-        secret = "sleep 1; " + counted_lines(200, "secret") + counted_lines(20, "secret", "err")
+        go = "while [ ! -e /go-excluded ]; do sleep 0.02; done; "  # once the agent knows them
+        secret = go + counted_lines(200, "secret") + counted_lines(20, "secret", "err")
         pod = node.run_pod(
             "payments",
             "vault",
@@ -150,18 +148,21 @@ def test_excluded_containers_are_filtered_in_the_kernel(node: SimNode, tmp_path:
             "payments",
             "api",
             [
-                SimContainerSpec("api", "sleep 1; " + counted_lines(30, "public")),
-                SimContainerSpec("keys", "sleep 1; " + counted_lines(30, "secret")),
+                SimContainerSpec("api", go + counted_lines(30, "public")),
+                SimContainerSpec("keys", go + counted_lines(30, "secret")),
             ],
             annotations={"podtap.io/exclude-keys": "true"},
         )
+        for known in ("excluded payments/vault/vault", "watching payments/api/api",
+                      "excluded payments/api/keys"):
+            agent.wait_log(known)
+        (node.rootfs / "go-excluded").touch()
         pod.wait()
         partly.wait()
         assert_container_shipped(agent, partly.container("api"))
-        time.sleep(0.5)
-        assert not any("secret" in r["message"] for r in agent.records())
     finally:
         stats = agent.stop()
+    assert not any("secret" in r["message"] for r in agent.records())
     # The kernel copied only the 30 writes of the one container that is not excluded.
     assert stats["kernel_writes"] == 30
     assert stats["kernel_unknown_records"] == 0
@@ -194,21 +195,30 @@ FAULTS = ["401", "403", "500", "malformed", "slow", "down"]
 
 
 def kubelet_error_lines(agent: AgentRun) -> int:
-    return sum(1 for line in list(agent.log) if "podtap.kube: kubelet:" in line)
+    """The agent's log lines about a failed kubelet poll (JSON or text logs)."""
+    return sum(
+        1
+        for line in list(agent.log)
+        if "podtap.kube: kubelet:" in line
+        or ('"podtap.kube"' in line and '"msg":"kubelet:' in line)
+    )
 
 
 def test_kubelet_faults_do_not_stop_the_capture_of_known_containers(
     node: SimNode, tmp_path: Path
 ) -> None:
-    agent = AgentRun(node, tmp_path, kube={"poll_interval_s": 0.2, "timeout_s": 0.5})
+    agent = AgentRun(node, tmp_path, kube={"poll_interval_s": 0.2, "timeout_s": 2.0})
     try:
-        script = 'i=0; while [ $i -lt 400 ]; do echo "beat $i"; i=$((i+1)); sleep 0.02; done'
+        # Beats for as long as the faults take (however slow the machine), then stops.
+        script = (
+            'i=0; while [ ! -e /stop-steady ]; do echo "beat $i"; i=$((i+1)); sleep 0.02; done'
+        )
         pod = node.run_pod("default", "steady", [SimContainerSpec("app", script)])
         c = pod.containers[0]
         agent.wait_for(lambda: len(agent.of(c)) >= 5, why="the first beats")
         for mode in FAULTS:
             errors = kubelet_error_lines(agent)
-            node.kubelet.set_mode(mode, slow_delay_s=2.0)
+            node.kubelet.set_mode(mode, slow_delay_s=120.0)  # outlasts the agent's timeout
             agent.wait_for(
                 lambda e=errors: kubelet_error_lines(agent) > e, why=f"the error of {mode}"
             )
@@ -216,6 +226,7 @@ def test_kubelet_faults_do_not_stop_the_capture_of_known_containers(
             agent.wait_for(lambda b=before: len(agent.of(c)) >= b + 10, why=f"beats during {mode}")
             assert agent.alive()
         node.kubelet.set_mode("ok")
+        (node.rootfs / "stop-steady").touch()
         pod.wait(60)
         records = assert_container_shipped(agent, c)
         assert_metadata(records, node, pod, c)
@@ -237,7 +248,9 @@ def test_agent_started_with_the_kubelet_down_holds_lines_until_it_is_back(
             "default", "patient", [SimContainerSpec("app", counted_lines(20, "held"))]
         )
         pod.wait()
-        time.sleep(1.0)
+        agent.wait_for(
+            lambda: agent.metric("podtap_hold_lines_total") >= 20, why="the 20 lines held"
+        )
         assert agent.of(pod.containers[0]) == []  # held: no metadata yet
         node.kubelet.set_mode("ok")
         records = assert_container_shipped(agent, pod.containers[0])
@@ -289,30 +302,36 @@ def test_agent_started_while_containers_run_captures_from_then_on(
     """A DaemonSet rollout: the containers were there first.  The first poll puts them in
     the map with their stream identities before the probes are attached; from then on
     every line arrives, in order, on the right stream."""
+    # Beats until told to stop (however long the agent takes to start), then a last line.
     script = (
-        'i=0; while [ $i -lt 120 ]; do echo "beat $i"; echo "err $i" >&2; '
-        "i=$((i+1)); sleep 0.03; done"
+        'i=0; while [ ! -e /stop-veteran ]; do echo "beat $i"; echo "err $i" >&2; '
+        "i=$((i+1)); sleep 0.03; done; echo last; echo last >&2"
     )
     pod = node.run_pod("default", "veteran", [SimContainerSpec("app", script)])
     c = pod.containers[0]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while b"beat 3\n" not in c.output_so_far()[0]:  # it has been running for a while
+        assert time.monotonic() < deadline and c.running, "the container did not start"
+        time.sleep(0.01)
     agent = AgentRun(node, tmp_path)
     try:
+        agent.wait_for(lambda: len(agent.of(c)) >= 10, why="beats captured while it runs")
+        (node.rootfs / "stop-veteran").touch()
         pod.wait()
         out, err = c.output()
-        agent.wait_for(lambda: len(agent.of(c)) > 0, why="lines of the running container")
-        time.sleep(0.5)
+        agent.wait_for(
+            lambda: joined(agent.of(c), "stdout").endswith(b"\nlast\n")
+            and joined(agent.of(c), "stderr").endswith(b"\nlast\n"),
+            why="the last lines of the running container",
+        )
         records = agent.of(c)
     finally:
         stats = agent.stop()
     got_out, got_err = joined(records, "stdout"), joined(records, "stderr")
     # What was captured is exactly the tail of each stream, from a line boundary on.
-    assert (
-        got_out
-        and out.endswith(got_out)
-        and (len(got_out) == len(out) or out[-len(got_out) - 1 : -len(got_out)] == b"\n")
-    )
-    assert got_err and err.endswith(got_err)
-    assert len(got_out) > len(out) // 4  # most of it: the agent started early in the run
+    for got, written in ((got_out, out), (got_err, err)):
+        assert written.endswith(got)
+        assert len(got) == len(written) or written[-len(got) - 1 : -len(got)] == b"\n"
+    assert not out.startswith(got_out)  # the beats written before the agent started
     assert_metadata(records, node, pod, c)
     assert stats["kernel_unknown_records"] == 0  # known from the first poll on

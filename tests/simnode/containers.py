@@ -31,6 +31,8 @@ from agent.kube.model import FileIdent
 # The join is written by `tee` (fd 3, from outside the cgroup), not by the shell's fd 1:
 # a write to fd 1 that ends inside the cgroup would be container output.
 JOIN_AND_EXEC = 'echo $$ | tee "$0" > /dev/null && exec "$@"'
+# How long killed processes may take to be reaped (a loaded machine); a bound, not a wait.
+CLEANUP_TIMEOUT_S = 60.0
 
 
 def ident_of_fd(fd: int) -> FileIdent:
@@ -129,7 +131,7 @@ class Container:
         self.wait_joined(proc.pid)
         return proc
 
-    def wait_joined(self, pid: int, timeout: float = 5.0) -> None:
+    def wait_joined(self, pid: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if str(pid) in (self.path / "cgroup.procs").read_text().split():
@@ -163,11 +165,11 @@ class Container:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-        # Any process the workload left behind in the cgroup, by pid.
-        for _ in range(50):
-            pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-            if not pids:
-                return
+        # Any process the workload left behind in the cgroup, by pid, until it is empty.
+        deadline = time.monotonic() + CLEANUP_TIMEOUT_S
+        while pids := [int(p) for p in (self.path / "cgroup.procs").read_text().split()]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes {pids} left in {self.path}")
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -213,12 +215,14 @@ def _dirs_below(path: Path) -> Iterator[Path]:
 
 
 def _rmdir_retry(path: Path) -> None:
-    for _ in range(100):
+    deadline = time.monotonic() + CLEANUP_TIMEOUT_S
+    while True:
         try:
             path.rmdir()
             return
         except FileNotFoundError:
             return
         except OSError:  # EBUSY while the last killed processes are reaped
+            if time.monotonic() > deadline:
+                raise
             time.sleep(0.02)
-    path.rmdir()

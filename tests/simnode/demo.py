@@ -13,11 +13,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tests.e2e.agent import AgentRun
-from tests.simnode.node import SimContainerSpec, SimNode, simnode_unavailable_reason
+from tests.e2e.agent import AgentRun, joined
+from tests.simnode.node import SimContainerSpec, SimNode, SimPod, simnode_unavailable_reason
 
 
 def say(text: str = "") -> None:
@@ -29,7 +28,7 @@ def lines(n: int, text: str, err: bool = False) -> str:
     return f'i=1; while [ $i -le {n} ]; do echo "{text}"{redirect}; i=$((i+1)); done; '
 
 
-def run_pods(node: SimNode) -> list[object]:
+def run_pods(node: SimNode) -> list[SimPod]:
     web = node.run_pod(
         "shop",
         "web-7d9f-x2",
@@ -70,8 +69,16 @@ def main() -> int:
         say("agent started; running 4 pods (one excluded by annotation)...\n")
         pods = run_pods(node)
         for pod in pods:
-            pod.wait()  # type: ignore[attr-defined]
-        time.sleep(1.5)
+            pod.wait()
+        shipped = [c for pod in pods if not pod.annotations for c in pod.containers]
+        agent.wait_for(
+            lambda: all(
+                (joined(agent.of(c), "stdout"), joined(agent.of(c), "stderr")) == c.output()
+                for c in shipped
+            ),
+            timeout=120,
+            why="every line of the pods that are not excluded",
+        )
         stats = agent.stop()
         records = agent.records()
     if not records:

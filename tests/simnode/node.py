@@ -75,9 +75,9 @@ TOOLS: Final = {
 }
 CTR_NAMESPACE: Final = "default"
 _TOOL_DIRS: Final = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-_CONTAINERD_START_TIMEOUT_S: Final = 10.0
-_CONTAINER_START_TIMEOUT_S: Final = 10.0
-_KILL_TIMEOUT_S: Final = 10.0
+_CONTAINERD_START_TIMEOUT_S: Final = 120.0  # bounds, not waits: CI machines are loaded
+_CONTAINER_START_TIMEOUT_S: Final = 120.0
+_KILL_TIMEOUT_S: Final = 60.0
 _MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the NUL
 # The systemd-driver wrapper: join the scope, then exec the script's shell. As in
 # containers.JOIN_AND_EXEC the pid is written by tee (outside the cgroup, not on fd 1), but
@@ -213,7 +213,7 @@ class SimContainer:
         """The container's first process (host pid namespace) while it runs, else None."""
         return self.init_pid if self.running else None
 
-    def wait(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float = 120.0) -> int:
         """Wait until the process exited and its output is read to the end; the exit code."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"container {self.name} ({self.id[:12]}) still running")
@@ -300,7 +300,7 @@ class SimPod:
                 return c
         raise KeyError(name)
 
-    def wait(self, timeout: float = 30.0) -> dict[str, int]:
+    def wait(self, timeout: float = 120.0) -> dict[str, int]:
         """Wait for every container to exit; name -> exit code."""
         deadline = time.monotonic() + timeout
         return {c.name: c.wait(max(0.0, deadline - time.monotonic())) for c in self.containers}
@@ -406,7 +406,7 @@ def _cgroup_pids(path: Path) -> list[int]:
         return []
 
 
-def _kill_cgroup_procs(path: Path, timeout: float = 2.0) -> None:
+def _kill_cgroup_procs(path: Path, timeout: float = 30.0) -> None:
     """SIGKILL every process in one cgroup, by pid, until it is empty."""
     deadline = time.monotonic() + timeout
     while (pids := _cgroup_pids(path)) and time.monotonic() < deadline:
@@ -800,7 +800,7 @@ class SimNode:
     def _ctr(self, *args: str) -> list[str]:
         return [_tool("ctr"), "--address", self.containerd_address, *args]
 
-    def _ctr_ok(self, *args: str, timeout: float = 5.0) -> bool:
+    def _ctr_ok(self, *args: str, timeout: float = 30.0) -> bool:
         try:
             done = subprocess.run(
                 self._ctr(*args), capture_output=True, timeout=timeout, check=False
