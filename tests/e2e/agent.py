@@ -31,7 +31,7 @@ def agent_config(node: SimNode, **sections: dict[str, Any]) -> dict[str, Any]:
             "cgroup_roots": list(node.roots),
             "node_name": node.node_name,
             "poll_interval_s": 2.0,
-            "timeout_s": 2.0,
+            "timeout_s": 10.0,  # a loaded CI machine; fault tests set their own
             "retries": 1,
         },
         "telemetry": {"address": "127.0.0.1", "port": 0},
@@ -85,7 +85,7 @@ class AgentRun:
     def of(self, container: SimContainer) -> list[dict[str, Any]]:
         return [r for r in self.records() if r["kubernetes"]["docker_id"] == container.id]
 
-    def wait_for(self, what: Callable[[], bool], timeout: float = 30, why: str = "") -> None:
+    def wait_for(self, what: Callable[[], bool], timeout: float = 60, why: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if what():
@@ -95,7 +95,7 @@ class AgentRun:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {why}:\n" + self.logs())
 
-    def wait_log(self, text: str, timeout: float = 30) -> None:
+    def wait_log(self, text: str, timeout: float = 60) -> None:
         self.wait_for(lambda: any(text in line for line in list(self.log)), timeout, repr(text))
 
     def logs(self) -> str:
