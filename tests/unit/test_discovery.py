@@ -1390,8 +1390,8 @@ def test_new_container_is_found_by_the_early_repolls(
     kubelet: FakeKubelet, tree: CgroupTree, token_path: str
 ) -> None:
     """The kubelet lists a new container a few polls late: the backoff polls find it
-    long before the (30 s) periodic poll would."""
-    node = Node(kubelet, tree, token_path, kube={"poll_interval_s": 30.0})
+    long before the periodic poll (600 s) would."""
+    node = Node(kubelet, tree, token_path, kube={"poll_interval_s": 600.0})
     uid, cid = new_ids()
     _path, cg = tree.make(container_dir("cgroupfs", "besteffort", "containerd", uid, cid))
 
