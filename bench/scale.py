@@ -54,7 +54,7 @@ def one_size(containers: int, idle_s: float) -> dict[str, Any]:
             if not capturing:
                 raise RuntimeError(f"the agent did not know all {containers} containers at "
                                    "start:\n" + agent.logs())
-            before = [r for r in (agent.log_records(m) for m in _messages(agent)) for r in r]
+            before = [rec for msg in _messages(agent) for rec in agent.log_records(msg)]
             sync_s = log_time(capturing[0]) - log_time(before[0]) if before else None
             time.sleep(2)
             cpu0, w0 = process_cpu_s(agent.proc.pid), time.monotonic()

@@ -1,0 +1,193 @@
+"""The benchmark page builder (bench/page.py) on canned figures: tables, verdicts, plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import page
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def peer_row(shipper: str, rate: int, sustained: bool = True, cores: float = 0.1,
+             rss: float = 20.0) -> dict[str, Any]:
+    return {"shipper": shipper, "rate": rate, "sustained": sustained, "shipper_cores": cores,
+            "writer_extra_cores": 0.01, "total_cores": cores + 0.01, "rss_max_mib": rss,
+            "drain_lag_s": 1.0, "expected": 1000, "received": 1000 if sustained else 990,
+            "lost": 0 if sustained else 10, "duplicates": 0, "p50_s": 0.2, "p99_s": 0.7,
+            "max_s": 1.0}
+
+
+CANNED: dict[str, Any] = {
+    "machine": {"date": "2026-12-01 20:00 UTC", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24,
+                "kernel": "6.18.0 (#1)", "os": "Debian 12.11", "python": "3.11.2",
+                "podtap": "abc1234", "load_before": 0.5},
+    "smoke": False,
+    "duration_s": 1800,
+    "cases": {
+        "write_cost": {
+            "ns": {
+                "write 100 B": {"no probe": 800.0, "empty programs": 900.0,
+                                "podtap, unwatched": 905.0, "podtap, watched": 1300.0},
+                "write 65536 B": {"no probe": 20000.0, "empty programs": 20100.0,
+                                  "podtap, unwatched": 20150.0, "podtap, watched": 40000.0},
+            },
+            "samples": {"write 100 B": {"no probe": [790.0, 800.0, 812.0]}},
+            "runs": 3, "calls": {"100": 300000, "65536": 20000},
+            "empty_tracepoints": ["syscalls:sys_exit_write"] * 14,
+            "watched_tap_counters": "podtap: records=1 dropped_records=0",
+        },
+        "standard_point": {
+            "containers": 10, "rate_per_container": 1000, "seconds": 300.0,
+            "sink": "loki (loopback)", "cpu_cores": 0.0421, "rss_avg_mib": 60.0,
+            "rss_max_mib": 64.0, "rss_without_ring_avg_mib": 44.0,
+            "rss_without_ring_max_mib": 46.5, "expected": 3_000_000, "received": 3_000_000,
+            "lost": 0, "duplicates": 0, "p50_s": 0.31, "p99_s": 1.234, "max_s": 1.9,
+            "kernel_drop_records": 0,
+            "latency_quantiles_s": [i / 100 for i in range(101)],
+            "rss_series_mib": [60.0, 61.0, 64.0], "sample_period_s": 1.0,
+        },
+        "peers": {
+            "seconds": 20.0, "writers": 2, "line_bytes": 100, "sink": "ES _bulk (loopback)",
+            "rows": [peer_row("rsyslog", 10_000, cores=0.33, rss=13.0),
+                     peer_row("rsyslog", 20_000, sustained=False),
+                     peer_row("podtap", 10_000, cores=0.077, rss=63.4),
+                     peer_row("podtap", 20_000),
+                     peer_row("podtap", 40_000)],
+        },
+        "agent_throughput": {"not_measured": "bench/agent_throughput.py does not exist yet"},
+        "containerd": {"error": "TimeoutError: the shim did not start\nmore"},
+        "scale": {"sizes": [
+            {"containers": 0, "kubelet_sync_s": 0.01, "agent_start_s": 1.1, "idle_cores": 0.002,
+             "rss_mib": 58.0, "rss_without_ring_mib": 42.0, "kubelet_polls": 4,
+             "pods_start_s": 0.0},
+            {"containers": 1000, "kubelet_sync_s": 0.456, "agent_start_s": 2.0,
+             "idle_cores": 0.0123, "rss_mib": 70.0, "rss_without_ring_mib": 54.0,
+             "kubelet_polls": 4, "pods_start_s": 30.0}],
+            "poll_interval_s": 10.0, "idle_seconds": 30.0},
+        "micro": {"outputs": {"bench/decode_bench.py": "decode, 100-byte records: 1,000 rec/s\n"}},
+    },
+}
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> tuple[str, Path]:
+    out = tmp_path / "benchmarks.md"
+    page.write_page(copy.deepcopy(CANNED), out)
+    return out.read_text(), tmp_path / "bench"
+
+
+def goal_row(text: str, what: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {what}"))
+
+
+def test_the_page_names_machine_kernel_and_date(rendered: tuple[str, Path]) -> None:
+    text, _ = rendered
+    for fact in ("Test CPU, 2 CPUs", "6.18.0 (#1)", "2026-12-01 20:00 UTC", "abc1234",
+                 "full run"):
+        assert fact in text
+
+
+def test_every_measured_case_has_its_figures_in_a_table(rendered: tuple[str, Path]) -> None:
+    text, _ = rendered
+    assert "| write 100 B | 800 (790–812) | 900 (+100) | 905 (+105) | 1,300 (+500) | +5 % |" \
+        in text
+    assert "| lines lost | 0 of 3,000,000 | 0 |" in text
+    assert "0.310 / 1.234 / 1.900 s" in text
+    assert "| 1,000 | 0.456 | 0.0123 | 70.0 | 54.0 | 2.0 |" in text
+    assert "decode, 100-byte records: 1,000 rec/s" in text
+    assert "Fluent Bit" in text and "not measured here" in text
+
+
+def test_peers_table_gives_the_highest_sustained_rate_and_cost_at_the_first_rate(
+    rendered: tuple[str, Path],
+) -> None:
+    text, _ = rendered
+    rsyslog = goal_row(text, "rsyslog | 10,000 lines/s")
+    assert "0.340" in rsyslog and "13.0" in rsyslog and "highest rate tried" not in rsyslog
+    podtap = goal_row(text, "podtap | 40,000 lines/s (the highest rate tried)")
+    assert "0.087" in podtap
+    assert "| rsyslog | 20,000 | **no** | 10 |" in text
+
+
+def test_missing_and_failed_cases_are_shown_as_not_measured(rendered: tuple[str, Path]) -> None:
+    text, _ = rendered
+    assert "not measured: bench/agent_throughput.py does not exist yet" in text
+    assert "not measured: the case failed: `TimeoutError: the shim did not start`" in text
+
+
+def test_goal_verdicts_follow_the_thresholds(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    out = tmp_path / "a.md"
+    page.write_page(results, out)
+    text = out.read_text()
+    assert goal_row(text, "RSS without").endswith("| meets |")  # 46.5 <= 48
+    assert goal_row(text, "CPU at 10K").endswith("| meets |")  # 0.0421 <= 0.05
+    assert goal_row(text, "zero-loss rate").endswith("| **misses** |")  # 40K < 200K
+    assert goal_row(text, "write() cost").endswith("| **misses** |")  # +5 %, +50 %: worst
+    results["cases"]["standard_point"]["rss_without_ring_max_mib"] = 48.5
+    results["cases"]["standard_point"]["p99_s"] = 1.6
+    del results["cases"]["peers"]
+    page.write_page(results, out)
+    text = out.read_text()
+    assert goal_row(text, "RSS without").endswith("| **misses** |")
+    assert goal_row(text, "latency").endswith("| **misses** |")
+    assert goal_row(text, "zero-loss rate").endswith("| not measured |")
+
+
+def test_the_worst_write_cost_variant_decides(rendered: tuple[str, Path]) -> None:
+    text, _ = rendered
+    # 64 KiB: (150 - 100) / 100 = +50 % over the empty programs: the worst variant
+    assert "+50 %" in goal_row(text, "write() cost")
+    assert "| meets |" not in goal_row(text, "write() cost")
+
+
+def test_plots_are_png_files_linked_from_the_page(rendered: tuple[str, Path]) -> None:
+    text, plots = rendered
+    for name in ("write_cost", "standard_point", "peers", "scale"):
+        png = plots / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"](bench/{name}.png)" in text
+    assert not (plots / "containerd.png").exists()
+
+
+def test_cost_over_empty_is_relative_to_the_empty_programs_added_cost() -> None:
+    assert page.cost_over_empty({"no probe": 800, "empty programs": 1000,
+                                 "podtap, unwatched": 1044}) == pytest.approx(22.0)
+    assert page.cost_over_empty({"no probe": 800, "empty programs": 790,
+                                 "podtap, unwatched": 900}) is None  # noise: no added cost
+    assert page.cost_over_empty({"no probe": 800}) is None
+
+
+def test_last_json_takes_the_last_json_line_of_a_scripts_output() -> None:
+    text = 'progress\n{"rows": [1]}\nnot json {\n{"rows": [2]}\ndone\n'
+    assert page.last_json(text) == {"rows": [2]}
+    assert page.last_json("only text\n") is None
+    assert page.last_json("[1, 2]") == [1, 2]
+
+
+def test_throughput_rows_from_json_become_a_table(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    rows = [{"sink": "loki", "gzip": True, "rate": 100000, "held": True, "cpu_cores": 0.412}]
+    results["cases"]["agent_throughput"] = {"data": {"rows": rows},
+                                            "text": "raw output\n" + json.dumps({"rows": rows})}
+    out = tmp_path / "t.md"
+    page.write_page(results, out)
+    text = out.read_text()
+    assert "| sink | gzip | rate | held | cpu_cores |" in text
+    assert "| loki | True | 100,000 | True | 0.412 |" in text
+    assert "raw output" in text
+
+
+def test_broken_lists_the_cases_that_failed() -> None:
+    assert page.broken(CANNED) == ["containerd"]
+
+
+def test_smoke_mode_picks_the_short_figures() -> None:
+    assert page.Mode(smoke=True).pick(300, 15) == 15
+    assert page.Mode(smoke=False).pick(300, 15) == 300
