@@ -72,8 +72,10 @@ class Enricher:
         for line in lines:
             ts, _pid, stream, tag, message, partial = line
             cg: int = tag[0]  # type: ignore[index]
+            # A container is never both known (in origins) and held: release() takes a
+            # container out of the hold as soon as its origin is made.
             entry = origins.get(cg)
-            if entry is None or cg in held:
+            if entry is None:
                 entry = None if cg in held else self._origin(cg)
                 if entry is None:
                     self._hold(cg, line)

@@ -138,11 +138,19 @@ class LineAssembler:
         ends after it.  The tag of a line is ``(cgroup_id, comm)`` of its first record.
         """
         feed = self.feed
+        append = out.append
+        pending = self._pending
+        max_line = self._max_line
         for rec in records:
             ts, cgroup_id, pid, tid, typ, stream, flags, comm, data = rec
             if typ == _EV_DATA:
+                n = len(data)
                 if flags & _GAP_FLAGS:
                     self._feed_at_gap(rec, out)
+                elif not pending and 0 < n < max_line and data.find(b"\n") == n - 1:
+                    # feed()'s first fast path, inlined: no line is pending anywhere and
+                    # the write is exactly one line (the usual one-line write()).
+                    append((ts, pid, stream, (cgroup_id, comm), data[:-1], False))
                 else:
                     feed(pid, stream, ts, (cgroup_id, comm), data, out, tid, cgroup_id)
             elif typ == _EV_EXIT:

@@ -53,7 +53,10 @@ class CaptureSource:
                     break
                 item = queue.get_nowait()  # one batch for what is waiting
             done = item is None
-            records = [rec for blob in blobs for rec in decode(blob)]
+            if len(blobs) == 1:
+                records = decode(blobs[0])
+            else:
+                records = [rec for blob in blobs for rec in decode(blob)]
             if self._drainer is not None:
                 self._drainer.release(size)
             self.records += len(records)

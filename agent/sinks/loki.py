@@ -134,9 +134,10 @@ class LokiEncoder:
         self._exact = mode == "structured" and codec.fmt.invalid_utf8 != "replace"
         # Per stream: the bytes up to the line; per (stream, partial): the structured
         # metadata object (b"" for none) and what follows the line.
-        self._heads = {s: _TAG[s] + b'["%019d",%s' for s in _TAG}
+        # Indexed by stream (1, 2) and by 2 * stream + partial: no key tuple per line.
+        self._heads = (b"", *(_TAG[s] + b'["%019d",%s' for s in (STDOUT, STDERR)))
         self._metadata: dict[tuple[int, bool], bytes] = {}
-        self._tails: dict[tuple[int, bool], bytes] = {}
+        tails = [b""] * 6
         for stream in _TAG:
             for partial in (False, True):
                 metadata = b""
@@ -144,7 +145,8 @@ class LokiEncoder:
                     fields = codec.structured_metadata(meta, fixed, labels, stream, partial)
                     metadata = orjson.dumps(fields) if fields else b""
                 self._metadata[stream, partial] = metadata
-                self._tails[stream, partial] = (b"," + metadata if metadata else b"") + b"]"
+                tails[2 * stream + partial] = (b"," + metadata if metadata else b"") + b"]"
+        self._tails = tuple(tails)
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
         if self._record is not None:
@@ -156,7 +158,7 @@ class LokiEncoder:
             if self._exact:
                 return self._heads[stream] % (time_ns, line) + self._exact_tail(
                     stream, partial, message)
-        return self._heads[stream] % (time_ns, line) + self._tails[stream, partial]
+        return self._heads[stream] % (time_ns, line) + self._tails[2 * stream + partial]
 
     def _exact_tail(self, stream: int, partial: bool, message: bytes) -> bytes:
         """Structured metadata with `message_base64`: the exact bytes of a line that is not

@@ -77,8 +77,13 @@ class SystemClock:
         if timeout is None:
             await event.wait()
             return
+        if event.is_set():
+            return
+        # asyncio.timeout, not wait_for: no task per wait (the runner waits after each
+        # batch it closes or sends).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
 
 
 class BatchingSink:
@@ -138,15 +143,23 @@ class BatchingSink:
         groups = self._groups
         records = self._records
         nbytes = self._bytes
+        # Consecutive lines mostly come from one container: its encoder's bound method
+        # and its group's item list are looked up again only when the origin changes.
+        last_origin: Origin | None = None
+        encode: Callable[[int, int, bytes, bool], bytes] = _no_encoder
+        key = b""
+        group: list[bytes] | None = None
         for origin, time_ns, stream, message, partial in lines:
-            encoder = origin.encoders[index]
-            if encoder is None:
-                encoder = self._new_encoder(origin)
+            if origin is not last_origin:
+                encoder = origin.encoders[index]
                 if encoder is None:
-                    self.stats.encode_errors += 1
-                    continue
+                    encoder = self._new_encoder(origin)
+                    if encoder is None:
+                        self.stats.encode_errors += 1
+                        continue
+                last_origin, encode, key, group = origin, encoder.encode, encoder.group, None
             try:
-                item = encoder.encode(time_ns, stream, message, partial)
+                item = encode(time_ns, stream, message, partial)
             except (ValueError, UnicodeError):
                 self.stats.encode_errors += 1
                 continue
@@ -154,23 +167,24 @@ class BatchingSink:
             if records and nbytes + size > max_bytes:
                 self._records, self._bytes = records, nbytes
                 self._close_batch()
-                groups, records, nbytes = self._groups, 0, 0
+                groups, records, nbytes, group = self._groups, 0, 0, None
             if not records:
                 self._created_ns = self.clock.time_ns()
                 self._opened_at = self.clock.monotonic()
-            group = groups.get(encoder.group)
             if group is None:
-                groups[encoder.group] = [item]
-            else:
-                group.append(item)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = []
+            group.append(item)
             records += 1
             nbytes += size
             if records >= max_records:
                 self._records, self._bytes = records, nbytes
                 self._close_batch()
-                groups, records, nbytes = self._groups, 0, 0
+                groups, records, nbytes, group = self._groups, 0, 0, None
+        if records and not self._records:
+            self._wake.set()  # a batch opened: the runner arms its max_age timer
         self._records, self._bytes = records, nbytes
-        self._wake.set()
 
     def _new_encoder(self, origin: Origin) -> ItemEncoder | None:
         try:
@@ -383,6 +397,10 @@ class BatchingSink:
             await self.transport.close()
         finally:
             self._io.shutdown(wait=False)
+
+
+def _no_encoder(time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
+    raise AssertionError("put() encodes only after looking up an encoder")
 
 
 def _text(body: bytes) -> str:
