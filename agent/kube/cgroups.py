@@ -40,6 +40,7 @@ __all__ = [
     "kernel_dev",
     "kubepods_nodes",
     "own_cgroup",
+    "pod_uid_from_path",
     "resolve",
     "scan_containers",
     "stream_idents",
@@ -343,6 +344,18 @@ def container_id_from_path(path: str) -> str | None:
         return scope.group(1)
     leaf = _CGROUPFS_CONTAINER_DIR.fullmatch(name)
     return leaf.group(1) if leaf else None
+
+
+def pod_uid_from_path(path: str) -> str | None:
+    """The pod uid a container's cgroup path names (its parent, ``pod<uid>`` or the
+    systemd ``...-pod<uid_>.slice``), or None."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[-1] == _CRUN_SUBGROUP:
+        parts.pop()
+    if len(parts) < 2 or container_id_from_path(path) is None:
+        return None
+    pod = re.fullmatch(r"(?:[\w-]*-)?pod([0-9a-fA-F_-]+?)(?:\.slice)?", parts[-2])
+    return pod.group(1).replace("_", "-") if pod else None
 
 
 # --- processes ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from agent.kube.cgroups import (
     container_id_from_path,
     init_pid,
     own_cgroup,
+    pod_uid_from_path,
     resolve,
     scan_containers,
     stream_idents,
@@ -37,13 +38,14 @@ from agent.kube.cgroups import (
 from agent.kube.filters import FilterConfig, Selector, decide, parse_selector
 from agent.kube.kubelet import KubeletAuthError, KubeletClient, KubeletError
 from agent.kube.model import ContainerMeta, FileIdent
-from agent.kube.pods import running_containers
+from agent.kube.pods import pod_labels, running_containers
 
 log = logging.getLogger("podtap.kube")
 
 # Pods of podtap agents (this one, and another one during a rolling update): never captured.
 DEFAULT_AGENT_POD_SELECTOR = "app.kubernetes.io/name=podtap"
 Idents = tuple[FileIdent, FileIdent]
+MapEntry = tuple[FileIdent | None, FileIdent | None, bool, bool]  # stdout, stderr, captures
 OwnCgroupFinder = Callable[[str, Sequence[str]], tuple[str, int] | None]  # (mount, roots)
 
 
@@ -81,7 +83,7 @@ class Known:
     def excluded(self) -> bool:
         return not (self.capture_stdout or self.capture_stderr)
 
-    def map_entry(self) -> tuple[FileIdent | None, FileIdent | None, bool, bool]:
+    def map_entry(self) -> MapEntry:
         return self.stdout, self.stderr, self.capture_stdout, self.capture_stderr
 
 
@@ -205,6 +207,8 @@ class Discovery:
         self._find_own = find_own_cgroup
         self.own: tuple[str, int] | None = None  # our own container's cgroup (dir, id)
         self._own_in_map = False
+        self.agent_pod_uids: set[str] = set()  # ours and other agents', from the last poll
+        self._early_excluded: dict[int, str] = {}  # agents' cgroups excluded at creation
 
     # -- what the pipeline asks ---------------------------------------------
 
@@ -218,7 +222,17 @@ class Discovery:
         container_id = container_id_from_path(path)
         if container_id is not None:
             self.created[cgroup_id] = (container_id, ts_ns)
+            if pod_uid_from_path(path) in self.agent_pod_uids:
+                self._exclude_early(cgroup_id, path)
             self.request_poll(cgroup_id)
+
+    def _exclude_early(self, cgroup_id: int, path: str) -> None:
+        """A new container of an agent's pod (a rolling update's new podtap, a sidecar of
+        ours): excluded in the kernel map before its first write, not after a poll."""
+        if cgroup_id in self.known:
+            return
+        self.writer.watch(cgroup_id, None, None, False, False)
+        self._early_excluded[cgroup_id] = os.path.join(self.mount, path.lstrip("/"))
 
     def request_poll(self, cgroup_id: int | None = None) -> None:
         """Poll soon: for `cgroup_id` (a new or unknown writer's cgroup) on its backoff
@@ -274,6 +288,10 @@ class Discovery:
             self.stats.last_error = ""
         metas, malformed = running_containers(pods, self.host)
         self.stats.malformed += malformed
+        agents = self.agent_pods
+        if agents:
+            labels = pod_labels(pods)
+            self.agent_pod_uids = {uid for uid, lv in labels.items() if agents.matches(lv)}
         self.sync(metas)
         return True
 
@@ -322,6 +340,7 @@ class Discovery:
             path, cg = found
             seen.add(cg)
             self._update(cg, path, meta, agent=meta.pod_uid in own_pods)
+        self._drop_early_excluded()
         for cg, known in list(self.known.items()):
             if cg not in seen and not (self._own_in_map and self.own and cg == self.own[1]):
                 if known.gone_since is None:
@@ -348,11 +367,22 @@ class Discovery:
         """Pods never captured: ours (all its containers) and those of other agents."""
         own_id = container_id_from_path(self.own[0]) if self.own is not None else None
         agents = self.agent_pods
-        return {
+        uids = {
             m.pod_uid
             for m in metas
             if m.container_id == own_id or (agents and agents.matches(m.labels))
         }
+        self.agent_pod_uids |= uids
+        return uids
+
+    def _drop_early_excluded(self) -> None:
+        """Early exclusions now known to the kubelet are ordinary entries; those whose
+        cgroup is gone without ever being listed leave the map."""
+        for cg, path in list(self._early_excluded.items()):
+            if cg in self.known or not os.path.isdir(path):
+                if cg not in self.known:
+                    self.writer.unwatch(cg)
+                del self._early_excluded[cg]
 
     def _update(self, cg: int, path: str, meta: ContainerMeta, agent: bool = False) -> None:
         own = self.own is not None and cg == self.own[1]
@@ -361,10 +391,12 @@ class Discovery:
         else:
             capture_stdout, capture_stderr = decide(meta, self.filters)
         known = self.known.get(cg)
-        before = None
+        before: MapEntry | None = None
         if known is None:
             known = Known(meta, path, capture_stdout, capture_stderr)
             self.known[cg] = known
+            if cg in self._early_excluded:
+                known.in_map, before = True, (None, None, False, False)
         else:
             before = known.map_entry() if known.in_map else None
             changed = (known.meta, known.capture_stdout, known.capture_stderr) != (

@@ -76,6 +76,19 @@ def running_containers(pods: list[dict[str, Any]], host: str) -> tuple[list[Cont
     return metas, skipped
 
 
+def pod_labels(pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Pod uid -> labels of every well-formed pod, whether its containers exist yet or not
+    (a pod is listed from its admission on, before the runtime creates any cgroup)."""
+    labels: dict[str, dict[str, str]] = {}
+    for pod in pods:
+        try:
+            info = _pod_info(pod)
+        except _Malformed:
+            continue
+        labels[info.uid] = info.labels
+    return labels
+
+
 def _pod_info(pod: object) -> _PodInfo:
     if not isinstance(pod, dict):
         raise _Malformed

@@ -30,6 +30,7 @@ from agent.kube.cgroups import (
     init_pid,
     kernel_dev,
     own_cgroup,
+    pod_uid_from_path,
     resolve,
     scan_containers,
     stream_idents,
@@ -693,3 +694,30 @@ def test_mountinfo_escaped_mount_point(tmp_path: Path) -> None:
 
 def test_real_mount_is_a_cgroup2_root(mount: str) -> None:
     assert os.path.exists(os.path.join(mount, "cgroup.controllers"))
+
+
+# --- the pod a container cgroup belongs to ----------------------------------------------
+
+
+@pytest.mark.parametrize("qos", QOS)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("driver", ["systemd", "cgroupfs"])
+def test_pod_uid_from_a_container_path(driver: str, qos: str, runtime: str) -> None:
+    layout = systemd_layout if driver == "systemd" else cgroupfs_layout
+    path = "/kubelet.slice/" + layout(qos, runtime)
+    assert pod_uid_from_path(path) == UID
+    assert pod_uid_from_path(path + "/container") == UID  # crun's child of the scope
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/kubepods/besteffort/pod{UID}",  # the pod itself
+        f"/kubepods/besteffort/pod{UID}/not-a-container",
+        f"/kubepods.slice/kubepods-pod{UID_}.slice/crio-conmon-{CID}.scope",
+        f"/system.slice/cri-containerd-{CID}.scope",
+        "/",
+    ],
+)
+def test_pod_uid_only_from_container_paths(path: str) -> None:
+    assert pod_uid_from_path(path) is None

@@ -728,6 +728,51 @@ def test_own_cgroup_outside_the_pods_is_not_put_in_the_map(
     node.run(scenario)
 
 
+def test_new_container_of_an_agent_pod_is_excluded_at_its_cgroups_creation(
+    kubelet: FakeKubelet, tree: CgroupTree, token_path: str
+) -> None:
+    """A rolling update: the kubelet lists the new podtap pod from its admission on; its
+    container's cgroup is excluded in the kernel as it is created, before any poll."""
+    node = Node(kubelet, tree, token_path, options={"find_own_cgroup": None})
+    uid, cid = new_ids()
+    app_uid, app_cid = new_ids()
+    kubelet.add_pod("podtap", "podtap-new", uid=uid, containers=[("agent", "podtap:2", None)],
+                    labels=AGENT_LABELS)
+    add_pod(kubelet, app_uid, secrets.token_hex(32))  # listed, its container not created yet
+    agent_rel = container_dir("systemd", "besteffort", "containerd", uid, cid)
+    app_rel = container_dir("systemd", "besteffort", "containerd", app_uid, app_cid)
+    gone_rel = container_dir("cgroupfs", "besteffort", "containerd", uid, secrets.token_hex(32))
+
+    async def scenario() -> None:
+        assert await node.poll()
+        assert node.writer.entries == {}
+        polls = node.discovery.stats.polls
+        agent_path, agent_cg = node.tree.make(agent_rel)
+        _app_path, app_cg = node.tree.make(app_rel)
+        gone_path, gone_cg = node.tree.make(gone_rel)
+        for rel, cg in ((agent_rel, agent_cg), (app_rel, app_cg), (gone_rel, gone_cg)):
+            node.discovery.on_cgroup_created(cg, f"/{node.tree.name}/{rel}", boot_ns())
+        assert node.discovery.stats.polls == polls  # no poll needed
+        assert node.writer.entries == {
+            agent_cg: (None, None, False, False),
+            gone_cg: (None, None, False, False),
+        }
+        # Listed with its id now: the same entry, known, never rewritten.
+        kubelet.add_pod("podtap", "podtap-new", uid=uid,
+                        containers=[("agent", "podtap:2", f"containerd://{cid}")],
+                        labels=AGENT_LABELS)
+        node.tree.rmdir(gone_path)  # a creation that failed: never listed, cgroup gone
+        assert await node.poll()
+        known = node.discovery.lookup(agent_cg)
+        assert known is not None and known.excluded and known.in_map
+        assert node.writer.entries == {agent_cg: (None, None, False, False)}
+        assert node.writer.count("watch", agent_cg) == 1
+        assert node.writer.count("unwatch", gone_cg) == 1
+        assert agent_path
+
+    node.run(scenario)
+
+
 @dataclass(frozen=True)
 class KubeConfigWithSelector(KubeConfig):
     """KubeConfig with the agent selector key, as the lead adds it to agent/config.py."""

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.kube.model import ContainerMeta
-from agent.kube.pods import running_containers
+from agent.kube.pods import pod_labels, running_containers
 from tests.simnode.kubelet import build_pod
 
 HOST = "simnode-1"
@@ -299,3 +299,17 @@ def test_mangling_one_field_of_a_real_pod_never_raises(data: st.DataObject) -> N
 
     assert skipped >= 0
     assert all(m in metas for m in untouched)  # only the mangled pod can lose containers
+
+
+def test_pod_labels_of_every_pod_even_before_its_containers_exist() -> None:
+    pending = {
+        "metadata": {"namespace": "podtap", "name": "podtap-x", "uid": "u-1",
+                     "labels": {"app.kubernetes.io/name": "podtap"}},
+        "status": {"phase": "Pending"},
+    }
+    bare = {"metadata": {"namespace": "a", "name": "b", "uid": "u-2"}}
+    malformed = [None, {"metadata": {"name": "no-uid", "namespace": "a"}}, {"metadata": 7}]
+    assert pod_labels([pending, bare, *malformed]) == {
+        "u-1": {"app.kubernetes.io/name": "podtap"},
+        "u-2": {},
+    }
