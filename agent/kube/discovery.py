@@ -323,7 +323,7 @@ class Discovery:
         now = self._clock()
         index = scan_containers(self.mount, self.cfg.cgroup_roots)
         by_created_id = {cid: cg for cg, (cid, _ts) in self.created.items()}
-        own_pods = self._own_pod_uids(metas)
+        agent_pods = self._agent_pod_uids_of(metas)
         seen: set[int] = set()
         for meta in metas:
             labels = self.namespace_labels(meta.namespace)
@@ -339,7 +339,7 @@ class Discovery:
                 found = ("", cg)
             path, cg = found
             seen.add(cg)
-            self._update(cg, path, meta, agent=meta.pod_uid in own_pods)
+            self._update(cg, path, meta, agent=meta.pod_uid in agent_pods)
         self._drop_early_excluded()
         for cg, known in list(self.known.items()):
             if cg not in seen and not (self._own_in_map and self.own and cg == self.own[1]):
@@ -363,7 +363,7 @@ class Discovery:
             if cg not in self.known and now_ns - ts > horizon_ns:
                 del self.created[cg]
 
-    def _own_pod_uids(self, metas: list[ContainerMeta]) -> set[str]:
+    def _agent_pod_uids_of(self, metas: list[ContainerMeta]) -> set[str]:
         """Pods never captured: ours (all its containers) and those of other agents."""
         own_id = container_id_from_path(self.own[0]) if self.own is not None else None
         agents = self.agent_pods
@@ -397,6 +397,7 @@ class Discovery:
             self.known[cg] = known
             if cg in self._early_excluded:
                 known.in_map, before = True, (None, None, False, False)
+                self._log_watched(cg, known)
         else:
             before = known.map_entry() if known.in_map else None
             changed = (known.meta, known.capture_stdout, known.capture_stderr) != (

@@ -765,6 +765,7 @@ def test_new_container_of_an_agent_pod_is_excluded_at_its_cgroups_creation(
         assert await node.poll()
         known = node.discovery.lookup(agent_cg)
         assert known is not None and known.excluded and known.in_map
+        assert node.discovery.stats.excluded == 1
         assert node.writer.entries == {agent_cg: (None, None, False, False)}
         assert node.writer.count("watch", agent_cg) == 1
         assert node.writer.count("unwatch", gone_cg) == 1
