@@ -303,6 +303,16 @@ def num(value: Any, fmt: str = "{:,.0f}", unit: str = "") -> str:
     return fmt.format(value) + unit
 
 
+def losses_text(counted: dict[str, float] | None) -> str:
+    """The agent's loss counters that grew, short ("none" when none did)."""
+    if counted is None:
+        return "n/a"
+    if not counted:
+        return "none"
+    return ", ".join(f"{k.removeprefix('podtap_').removesuffix('_total')} {v:,.0f}"
+                     for k, v in sorted(counted.items()))
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -419,6 +429,8 @@ def section_standard_point(case: Results | None, plots: Plots) -> str:
          f"≤ {GOALS['rss']:.0f} MiB"],
         ["lines lost", f"{case['lost']:,} of {case['expected']:,}", "0"],
         ["kernel drops (records)", num(case.get("kernel_drop_records")), "0"],
+        ["the agent's loss counters that grew", losses_text(case.get("agent_counted_losses")),
+         "none"],
         ["latency p50 / p99 / max", f"{num(case.get('p50_s'), '{:.3f}')} / "
          f"{num(p99, '{:.3f}')} / {num(case.get('max_s'), '{:.3f}')} s",
          f"p99 ≤ {GOALS['p99']} s"],
@@ -487,11 +499,13 @@ def section_peers(case: Results | None, plots: Plots) -> str:
                   f"latency p50 / p99 at {rate0} (s)"], summary)
     out += "\nEvery step:\n\n"
     out += table(["shipper", "lines/s", "sustained", "lost", "CPU (cores)", "RSS max (MiB)",
-                  "p50 / p99 (s)", "drained after writers (s)"],
+                  "p50 / p99 (s)", "drained after writers (s)", "podtap's loss counters"],
                  [[r["shipper"], f"{r['rate']:,}", "yes" if r["sustained"] else "**no**",
                    f"{r['lost']:,}", f"{r['total_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
                    f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}",
-                   f"{r['drain_lag_s']:.2f}"] for r in rows])
+                   f"{r['drain_lag_s']:.2f}",
+                   losses_text(r["agent_counted_losses"]) if "agent_counted_losses" in r else ""]
+                  for r in rows])
     fig, axes = figure(3, 11, 3.3)
     r10s = [at_rate(rows, s, tried[0]) or {} for s in shippers]
     shipper_cpu = [r.get("shipper_cores", 0) for r in r10s]
@@ -556,10 +570,12 @@ def section_containerd(case: Results | None) -> str:
             "agent runs.\n\n")
     return out + table(
         ["lines/s", "sustained", "lost", "agent CPU (cores)", "agent RSS max (MiB)",
-         "p50 / p99 (s)"],
+         "p50 / p99 (s)", "drained after writers (s)", "the agent's loss counters"],
         [[f"{r['rate']:,}", "yes" if r["sustained"] else "**no**", f"{r['lost']:,}",
           f"{r['cpu_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
-          f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}"] for r in case["rows"]])
+          f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}",
+          f"{r['drain_lag_s']:.1f}", losses_text(r.get("agent_counted_losses"))]
+         for r in case["rows"]])
 
 
 def section_scale(case: Results | None, plots: Plots) -> str:
@@ -651,6 +667,10 @@ def render(results: Results, plots: Plots) -> str:
         + "\nThis is a 2-core development machine shared with other work: CPU figures carry "
         "noise of a few hundredths of a core.\n\n"
     )
+    for rerun in results.get("reruns", []):
+        out += (f"Re-run later, on {rerun['machine']['date']} (podtap {rerun['machine']['podtap']}):"
+                f" {', '.join(rerun['cases'])}. Each section's figures still come from one "
+                "run.\n\n")
     out += section_goals(cases) + "\n"
     out += section_write_cost(cases.get("write_cost"), plots) + "\n"
     out += section_standard_point(cases.get("standard_point"), plots) + "\n"
@@ -695,7 +715,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="short run; exit 1 if a case broke")
     parser.add_argument("--out", type=Path, default=None,
                         help="the page (default docs/benchmarks.md; a temp dir with --smoke)")
-    parser.add_argument("--only", default="", help=f"comma-separated cases of {list(CASES)}")
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated cases of {list(CASES)}; the figures of the "
+                             "others are kept from the results.json next to the page")
     parser.add_argument("--render-only", action="store_true",
                         help="render the page again from the results.json next to it")
     args = parser.parse_args()
@@ -708,6 +730,12 @@ def main() -> None:
         results = json.loads(results_file.read_text())
     else:
         results = run_cases(Mode(args.smoke), [c for c in args.only.split(",") if c])
+        if args.only and results_file.exists():  # the other cases' figures stay
+            kept = json.loads(results_file.read_text())
+            kept["cases"].update(results["cases"])
+            kept.setdefault("reruns", []).append(
+                {"cases": list(results["cases"]), "machine": results["machine"]})
+            results = kept
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, default=str))
     write_page(results, out)

@@ -49,6 +49,9 @@ from bench.standard_point import (  # noqa: E402
     LatencyEs,
     Sampler,
     build_writer,
+    counted_losses,
+    drain,
+    loss_counters,
 )
 from tests.simnode.containers import CgroupSandbox, Container  # noqa: E402
 
@@ -101,19 +104,6 @@ def wait_until(what: Callable[[], bool], timeout: float, why: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out waiting for {why}")
-
-
-def drain(book: LatencyBook, expected: int, end: float) -> float:
-    """Wait for every line (or no progress for 15 s); seconds after `end` it took."""
-    last, last_change = -1, time.monotonic()
-    while book.unique() < expected:
-        got = book.unique()
-        if got != last:
-            last, last_change = got, time.monotonic()
-        if time.monotonic() - last_change > 15:
-            break
-        time.sleep(0.05)
-    return time.monotonic() - end
 
 
 # --- peers -----------------------------------------------------------------------------
@@ -264,6 +254,7 @@ def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: Late
                 "app", f"exec {exe} {WARMUP_ID} 1 0 {LINE} 0")], driver="systemd").wait(60)
             wait_until(lambda: book.warmups >= 1, 60, "podtap shipping its first line")
             book.reset()
+            losses0 = loss_counters(agent)
             sampler = Sampler(agent.proc.pid, 0.5)
             sampler.start()
             pods = [node.run_pod("bench", f"w-{i}", [SimContainerSpec(
@@ -275,10 +266,12 @@ def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: Late
             end = time.monotonic()
             lag = drain(book, lines * WRITERS, end)
             sampler.finish()
+            counted = counted_losses(losses0, loss_counters(agent))
         finally:
             agent.stop()
+    summary = {**book.summary(lines * WRITERS), "agent_counted_losses": counted}
     return Step("podtap", rate, seconds, sampler.cpu_s, writer_cpu,
-                max(sampler.rss) / 2**20, lag, book.summary(lines * WRITERS))
+                max(sampler.rss) / 2**20, lag, summary)
 
 
 def run(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_000, 40_000, 80_000),

@@ -194,6 +194,33 @@ class LatencyEs(EsBulkServer):
         return response
 
 
+def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = 15) -> float:
+    """Wait for every line, or until none arrived for `quiet_s`; seconds since `end`."""
+    last, last_change = -1, time.monotonic()
+    while book.unique() < expected:
+        got = book.unique()
+        if got != last:
+            last, last_change = got, time.monotonic()
+        if time.monotonic() - last_change > quiet_s:
+            break
+        time.sleep(0.05)
+    return time.monotonic() - end
+
+
+LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapturable")
+
+
+def loss_counters(agent: Any) -> dict[str, float]:
+    """The agent's counters of lost or uncaptured data, from its /metrics."""
+    return {k: v for k, v in agent.metrics().items()
+            if k.endswith("_total") and any(w in k for w in LOSS_WORDS)}
+
+
+def counted_losses(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The loss counters that grew between two snapshots, by how much."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+
+
 class Sampler(threading.Thread):
     """CPU seconds and RSS of one process, sampled every `period` seconds."""
 
@@ -249,6 +276,7 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
         agent = AgentRun(node, Path(tmp), sinks={"loki": {"kind": "loki", "url": loki.url}})
         try:
             time.sleep(2)  # settle after start
+            losses0 = loss_counters(agent)
             sampler = Sampler(agent.proc.pid)
             sampler.start()
             pods = [
@@ -259,10 +287,9 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
             for pod in pods:
                 pod.wait(seconds * 2 + 60)
             writers_s = time.monotonic() - sampler.t0
-            deadline = time.monotonic() + 60
-            while book.unique() < lines * containers and time.monotonic() < deadline:
-                time.sleep(0.1)
+            drain(book, lines * containers, time.monotonic())
             usage = sampler.finish()
+            counted = counted_losses(losses0, loss_counters(agent))
         finally:
             stats = agent.stop()
     return {
@@ -274,6 +301,7 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
         **usage,
         **book.summary(lines * containers),
         "kernel_drop_records": stats.get("kernel_drop_records"),
+        "agent_counted_losses": counted,
     }
 
 
@@ -311,6 +339,7 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
                 book.reset()
                 per = rate // containers
                 lines = int(per * seconds)
+                losses0 = loss_counters(agent)
                 sampler = Sampler(agent.proc.pid, 0.5)
                 sampler.start()
                 pods = [node.run_pod("bench", f"ctr-{rate}-{i}", [SimContainerSpec(
@@ -319,15 +348,14 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
                 for pod in pods:
                     pod.wait(seconds * 6 + 60)
                 writers_s = time.monotonic() - sampler.t0
-                end = time.monotonic()
-                while book.unique() < lines * containers and time.monotonic() - end < 30:
-                    time.sleep(0.05)
-                lag = time.monotonic() - end
+                lag = drain(book, lines * containers, time.monotonic())
                 usage = sampler.finish()
+                counted = counted_losses(losses0, loss_counters(agent))
                 summary = book.summary(lines * containers)
                 summary.pop("latency_quantiles_s")
                 sustained = summary["lost"] == 0 and lag <= 10
                 rows.append({"rate": rate, "sustained": sustained, "writers_s": writers_s,
+                             "agent_counted_losses": counted,
                              "drain_lag_s": lag, "cpu_cores": usage["cpu_cores"],
                              "rss_max_mib": usage["rss_max_mib"], **summary})
                 for pod in pods:

@@ -191,3 +191,10 @@ def test_broken_lists_the_cases_that_failed() -> None:
 def test_smoke_mode_picks_the_short_figures() -> None:
     assert page.Mode(smoke=True).pick(300, 15) == 15
     assert page.Mode(smoke=False).pick(300, 15) == 300
+
+
+def test_losses_text_names_only_the_counters_that_grew() -> None:
+    assert page.losses_text({}) == "none"
+    assert page.losses_text(None) == "n/a"
+    assert page.losses_text({"podtap_ringbuf_dropped_records_total": 2125.0}) == \
+        "ringbuf_dropped_records 2,125"
