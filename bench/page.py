@@ -668,7 +668,8 @@ def render(results: Results, plots: Plots) -> str:
         "noise of a few hundredths of a core.\n\n"
     )
     for rerun in results.get("reruns", []):
-        out += (f"Re-run later, on {rerun['machine']['date']} (podtap {rerun['machine']['podtap']}):"
+        when = rerun["machine"]
+        out += (f"Re-run later, on {when['date']} (podtap {when['podtap']}):"
                 f" {', '.join(rerun['cases'])}. Each section's figures still come from one "
                 "run.\n\n")
     out += section_goals(cases) + "\n"
