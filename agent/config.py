@@ -98,6 +98,8 @@ class KubeConfig:
     deleted_grace_s: float = 60.0  # metadata of a gone container is kept this long
     hold_max_bytes: int = 16 << 20  # lines of not-yet-known containers kept, at most
     hold_timeout_s: float = 30.0  # then they are dropped (and counted)
+    # Pods of podtap agents: their containers are never captured (nor this agent's own).
+    agent_pod_selector: str = "app.kubernetes.io/name=podtap"
     # The API server, for what the kubelet cannot give (namespace labels).
     apiserver_url: str = ""  # "" = in-cluster (KUBERNETES_SERVICE_HOST/PORT)
     apiserver_ca_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
@@ -120,6 +122,12 @@ class KubeConfig:
         _require(self.deleted_grace_s >= 0, "kube.deleted_grace_s", ">= 0")
         _require(self.hold_max_bytes >= 0, "kube.hold_max_bytes", ">= 0")
         _require(self.hold_timeout_s > 0, "kube.hold_timeout_s", "> 0")
+        from agent.kube.filters import FilterError, parse_selector
+
+        try:
+            parse_selector(self.agent_pod_selector)
+        except FilterError as e:
+            raise ConfigError(f"kube.agent_pod_selector: {e}") from e
         _require(bool(self.cgroup_roots), "kube.cgroup_roots", "a non-empty list")
         if self.apiserver_url:
             _require(self.apiserver_url.startswith("https://"), "kube.apiserver_url", "https://…")

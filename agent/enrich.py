@@ -51,7 +51,7 @@ class Enricher:
         realtime_offset_ns: Callable[[], int],
         hold_max_bytes: int,
         hold_timeout_ns: int,
-        on_unknown: Callable[[], None],
+        on_unknown: Callable[[int], None],
     ) -> None:
         self.lookup = lookup
         self.sinks = sinks
@@ -101,7 +101,7 @@ class Enricher:
         entry = self.held.get(cg)
         if entry is None:
             entry = self.held[cg] = Held(line[0])
-            self.on_unknown()
+            self.on_unknown(cg)
         entry.lines.append(line)
         entry.nbytes += size
         self.held_bytes += size

@@ -117,7 +117,7 @@ class AgentPipeline:
         )
         self.discovery = Discovery(
             kube, filters, self.client, self.probe, self.mount, node_name(kube),
-            "/" + (pods_rel or ""),
+            "/" + (pods_rel or ""), learned_idents=self.probe.learned_idents,
         )
         self.lines = LineStage(cfg, on_cgroup=self.discovery.on_cgroup_created)
         self.enricher = Enricher(
@@ -134,7 +134,6 @@ class AgentPipeline:
         self.namespaces: NamespaceLabels | None = None
         if cfg.records.include_namespace_labels or cfg.records.include_node_labels:
             self._connect_apiserver()
-        self.discovery.wants_repoll = lambda: self.enricher.holding
         self.telemetry: TelemetryServer | None = None
         if cfg.telemetry.enabled:
             self.telemetry = TelemetryServer(cfg.telemetry, self.snapshot, self.readiness)

@@ -19,7 +19,7 @@ from agent.capture.events import boot_to_realtime_offset_ns, comm_str
 from agent.capture.probe import Probe
 from agent.capture.source import CaptureSource
 from agent.config import Config
-from agent.kube.cgroups import find_cgroup2_mount, first_pid, stream_idents
+from agent.kube.cgroups import find_cgroup2_mount, init_pid, stream_idents
 from agent.kube.model import FileIdent
 from agent.lifecycle import install_stop_signals, run_until_stopped, stop_if_drain_failed
 from agent.lines import Line, LineStage
@@ -35,7 +35,7 @@ class TapTarget:
 
     cgroup_dir: str
     cgroup_id: int
-    ident_pid: int | None = None  # None: the lowest pid of the cgroup, once there is one
+    ident_pid: int | None = None  # None: the cgroup's init process, once there is one
 
 
 def cgroup_of_pid(pid: int, mount: str, proc_root: str = "/proc") -> str:
@@ -144,7 +144,7 @@ class TapPipeline:
         self.err.flush()
 
     def _target_idents(self, target: TapTarget) -> tuple[FileIdent, FileIdent] | None:
-        pid = target.ident_pid or first_pid(target.cgroup_dir)
+        pid = target.ident_pid or init_pid(target.cgroup_dir)
         if pid is None:
             return None
         out, err = stream_idents(pid)

@@ -160,7 +160,7 @@ class Drainer(threading.Thread):
         reader: RingReader,
         deliver: Callable[[bytes], None],
         max_pending: int,
-        batch_bytes: int = 4 << 20,
+        batch_bytes: int = 1 << 20,
         linger_s: float = 0.025,
     ) -> None:
         super().__init__(name="podtap-ring-drain", daemon=True)
@@ -211,7 +211,7 @@ class Drainer(threading.Thread):
                 # Let records accumulate for a moment: every batch costs a wakeup of
                 # the event loop and of each sink, whatever its size (at 10K lines/s,
                 # 25 ms instead of 5 ms took podtap run from ~200 to ~40 batches/s).
-                if 0 < self.reader.available() < self.batch_bytes // 4:
+                if 0 < self.reader.available() < self.batch_bytes:
                     self._stopping.wait(self.linger_s)
                 self.drain_once()
         except BaseException as e:  # reported to the pipeline, which stops

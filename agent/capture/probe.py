@@ -225,6 +225,19 @@ class Probe:
     def unwatch(self, cgroup_id: int) -> None:
         bpfsys.map_delete(self.map("containers").fd, _U64.pack(cgroup_id))
 
+    def learned_idents(self, cgroup_id: int) -> tuple[FileIdent, FileIdent] | None:
+        """The stream identities the kernel took at the container's first exec (the
+        runtime starting its entrypoint), or None when it has not seen one."""
+        raw = bpfsys.map_lookup(
+            self.map("learned_idents").fd, _U64.pack(cgroup_id), CONTAINER_VALUE.size
+        )
+        if raw is None:
+            return None
+        out_ino, err_ino, out_dev, err_dev, flags, _ = CONTAINER_VALUE.unpack(raw)
+        if not flags & CONSTANTS["C_IDENT_KNOWN"]:
+            return None
+        return FileIdent(out_dev, out_ino), FileIdent(err_dev, err_ino)
+
     def counters(self) -> dict[str, int]:
         fd = self.map("counters").fd
         return {

@@ -413,7 +413,6 @@ def init_pid(cgroup_dir: str, proc_root: str = "/proc") -> int | None:
 
 
 # The name `podtap tap` and older callers use; init_pid is the rule.
-first_pid = init_pid
 
 
 def _self_cgroup_path(proc_self_cgroup: str) -> str | None:

@@ -43,7 +43,6 @@ from agent.kube.pods import pod_labels, running_containers
 log = logging.getLogger("podtap.kube")
 
 # Pods of podtap agents (this one, and another one during a rolling update): never captured.
-DEFAULT_AGENT_POD_SELECTOR = "app.kubernetes.io/name=podtap"
 Idents = tuple[FileIdent, FileIdent]
 MapEntry = tuple[FileIdent | None, FileIdent | None, bool, bool]  # stdout, stderr, captures
 OwnCgroupFinder = Callable[[str, Sequence[str]], tuple[str, int] | None]  # (mount, roots)
@@ -201,9 +200,7 @@ class Discovery:
             cfg.poll_interval_s,
             2 * cfg.hold_timeout_s + cfg.deleted_grace_s,
         )
-        self.agent_pods: Selector = parse_selector(
-            getattr(cfg, "agent_pod_selector", DEFAULT_AGENT_POD_SELECTOR)
-        )
+        self.agent_pods: Selector = parse_selector(cfg.agent_pod_selector)
         self._find_own = find_own_cgroup
         self.own: tuple[str, int] | None = None  # our own container's cgroup (dir, id)
         self._own_in_map = False

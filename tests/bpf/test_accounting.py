@@ -159,7 +159,8 @@ def test_agent_never_captures_itself(sandbox: CgroupSandbox) -> None:
     tap_cmd += ["--cgroup", str(c.path)]
     tap_proc = c.spawn(tap_cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     try:
-        writer = c.python("import os, time\ntime.sleep(6)\nos.write(1, b'from the workload\\n')")
+        c.wait_output(b"podtap: tapping")  # attached: the tap says so on its stderr
+        writer = c.python("import os\nos.write(1, b'from the workload\\n')")
         assert writer.wait(60) == 0
         tap_proc.send_signal(2)
         tap_proc.wait(60)

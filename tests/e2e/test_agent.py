@@ -8,27 +8,15 @@ stdout/stderr pipes (ctr's output, read by the test).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.agent import AgentRun, joined
-from tests.kernel import require_kernel, unavailable
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode, simnode_unavailable_reason
+from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def node() -> Iterator[SimNode]:
-    require_kernel()
-    reason = simnode_unavailable_reason()
-    if reason is not None:
-        unavailable(f"the simulated node cannot run: {reason}")
-    with SimNode() as sim:
-        yield sim
 
 
 def counted_lines(n: int, word: str, stream: str = "") -> str:

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from tests.e2e.agent import REPO, agent_config, joined
-from tests.kernel import require_kernel, unavailable
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode, simnode_unavailable_reason
+from tests.kernel import unavailable
+from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
 
@@ -36,15 +36,10 @@ AGENT_LABELS = {"app.kubernetes.io/name": "podtap", "app.kubernetes.io/instance"
 
 
 @pytest.fixture
-def node() -> Iterator[SimNode]:
-    require_kernel()
-    reason = simnode_unavailable_reason()
-    if reason is not None:
-        unavailable(f"the simulated node cannot run: {reason}")
+def node(node: SimNode) -> SimNode:
     if shutil.which("unshare") is None:
         unavailable("needs unshare (util-linux)")
-    with SimNode() as sim:
-        yield sim
+    return node
 
 
 def lines_after(gate: str, n: int, word: str) -> str:

@@ -27,26 +27,16 @@ import yaml
 
 from agent.sinks.buffer import DB_NAME
 from tests.e2e.agent import REPO, AgentRun, agent_config
-from tests.kernel import require_kernel, unavailable
+from tests.kernel import unavailable
 from tests.simnode.esbulk import EsBulkServer
 from tests.simnode.loki import FakeLoki
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode, simnode_unavailable_reason
+from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
 from tests.simnode.noida import NoidaElasticsearch, NoidaUnavailable
 from tests.simnode.otlp import FakeOtlpReceiver
 
 pytestmark = pytest.mark.kernel
 
 FAST = {"batch": {"max_age_s": 0.2}, "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 1.0}}
-
-
-@pytest.fixture
-def node() -> Iterator[SimNode]:
-    require_kernel()
-    reason = simnode_unavailable_reason()
-    if reason is not None:
-        unavailable(f"the simulated node cannot run: {reason}")
-    with SimNode() as sim:
-        yield sim
 
 
 @pytest.fixture

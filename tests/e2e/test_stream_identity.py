@@ -11,26 +11,14 @@ container wrote to its own stdout/stderr, and nothing of the session.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.agent import AgentRun, joined
-from tests.kernel import require_kernel, unavailable
-from tests.simnode.node import SimContainerSpec, SimNode, simnode_unavailable_reason
+from tests.simnode.node import SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def node() -> Iterator[SimNode]:
-    require_kernel()
-    reason = simnode_unavailable_reason()
-    if reason is not None:
-        unavailable(f"the simulated node cannot run: {reason}")
-    with SimNode() as sim:
-        yield sim
 
 
 def gated_lines(gate: str, n: int, word: str, err: bool = False) -> str:

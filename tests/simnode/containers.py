@@ -88,6 +88,17 @@ class Container:
             reader.start()
         self._closed = False
 
+    def output_so_far(self) -> bytes:
+        """What the readers got until now, all streams together (for waiting on a line)."""
+        return b"".join(bytes(reader.data) for reader in self._readers)
+
+    def wait_output(self, text: bytes, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output_so_far():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not written within {timeout:g} s")
+            time.sleep(0.02)
+
     @property
     def stdout_ident(self) -> FileIdent:
         return ident_of_fd(self._write_fds[0])

@@ -26,7 +26,6 @@ from agent.kube.cgroups import (
     candidate_paths,
     cgroup_id,
     find_cgroup2_mount,
-    first_pid,
     init_pid,
     kernel_dev,
     own_cgroup,
@@ -328,13 +327,13 @@ def test_first_pid_and_stream_idents_of_a_real_process(
     make_cgroup: Callable[[str], str], spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     leaf = make_cgroup(cgroupfs_layout("besteffort", "containerd"))
-    assert first_pid(leaf) is None  # empty cgroup
+    assert init_pid(leaf) is None  # empty cgroup
 
     first = spawn(["sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     second = spawn(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     move_into(leaf, second.pid)
     move_into(leaf, first.pid)
-    assert first_pid(leaf) == first.pid  # both started from outside: the older one
+    assert init_pid(leaf) == first.pid  # both started from outside: the older one
 
     assert first.stdout is not None and first.stderr is not None
     stdout, stderr = stream_idents(first.pid)
@@ -348,7 +347,7 @@ def test_first_pid_and_stream_idents_of_a_real_process(
     for child in (first, second):
         child.kill()
         child.wait()
-    assert first_pid(leaf) is None
+    assert init_pid(leaf) is None
     assert stream_idents(first.pid) == (None, None)
 
 
@@ -367,7 +366,7 @@ def test_stream_idents_of_a_closed_stdout(spawn: Callable[..., subprocess.Popen[
 
 
 def test_first_pid_of_a_vanished_cgroup(tmp_path: Path) -> None:
-    assert first_pid(str(tmp_path / "gone")) is None
+    assert init_pid(str(tmp_path / "gone")) is None
 
 
 def test_init_pid_without_readable_processes_is_the_lowest(tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ kube:
   deleted_grace_s: 0
   hold_max_bytes: 0
   hold_timeout_s: 1.5
+  agent_pod_selector: "app=log-agent"
   apiserver_url: https://10.0.0.2:6443
   apiserver_ca_path: /tmp/api-ca.crt
   apiserver_insecure_skip_verify: true
@@ -210,6 +211,7 @@ FULL = Config(
         deleted_grace_s=0.0,
         hold_max_bytes=0,
         hold_timeout_s=1.5,
+        agent_pod_selector="app=log-agent",
         apiserver_url="https://10.0.0.2:6443",
         apiserver_ca_path="/tmp/api-ca.crt",
         apiserver_insecure_skip_verify=True,

@@ -257,3 +257,8 @@ def test_invalid_utf8_choices() -> None:
     assert config_from_dict({"records": {"invalid_utf8": "base64"}}, {}).records.invalid_utf8 \
         == "base64"
     assert "records.invalid_utf8" in error({"records": {"invalid_utf8": "drop"}})
+
+
+def test_agent_pod_selector_is_a_label_selector() -> None:
+    assert Config().kube.agent_pod_selector == "app.kubernetes.io/name=podtap"
+    assert "kube.agent_pod_selector" in error({"kube": {"agent_pod_selector": "a in (b"}})

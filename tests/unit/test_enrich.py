@@ -65,6 +65,7 @@ class Harness:
     unknown_calls: int = 0
     lookups: list[int] = field(default_factory=list)
     offset: int = OFFSET
+    unknown_cgroups: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.enricher = Enricher(
@@ -80,8 +81,9 @@ class Harness:
         self.lookups.append(cg)
         return self.table.get(cg)
 
-    def on_unknown(self) -> None:
+    def on_unknown(self, cg: int) -> None:
         self.unknown_calls += 1
+        self.unknown_cgroups.append(cg)
 
     def process(self, *lines: Line) -> list[dict[str, Any]]:
         out: list[Enriched] = []
@@ -559,3 +561,9 @@ def test_one_origin_per_container_until_forgotten() -> None:
     h.enricher.process([line(CG_A, b"c")], out)
     assert out[2][0] is not out[0][0]
     assert out[2][0].meta.labels == {"app": "new"}
+
+
+def test_on_unknown_names_the_cgroup_once_per_held_episode() -> None:
+    h = Harness()
+    h.process(line(CG_A, b"a1"), line(CG_B, b"b1"), line(CG_A, b"a2"))
+    assert h.unknown_cgroups == [CG_A, CG_B]

@@ -1,0 +1,21 @@
+"""Fixtures of the end-to-end tests: a simulated node with the real BPF program."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.kernel import require_kernel, unavailable
+from tests.simnode.node import SimNode, simnode_unavailable_reason
+
+
+@pytest.fixture
+def node() -> Iterator[SimNode]:
+    """A fresh simulated node (containerd, loopback kubelet); the kernel tests' gating."""
+    require_kernel()
+    reason = simnode_unavailable_reason()
+    if reason is not None:
+        unavailable(f"the simulated node cannot run: {reason}")
+    with SimNode() as sim:
+        yield sim
