@@ -45,6 +45,9 @@ def _is_header_tree(path: Path) -> bool:
     return (path / "include" / "linux").is_dir() and (path / "arch").is_dir()
 
 
+BUNDLED_DIR = "/opt/podtap/kernel-headers"  # Debian's headers in podtap's image (Dockerfile)
+
+
 def _debian_pairs(usr_src: Path, arch: str) -> list[tuple[str, Path, Path]]:
     """(version, common, arch) directory pairs of Debian's linux-headers packages."""
     pairs = []
@@ -171,7 +174,9 @@ def find_kernel_headers(
         if _is_header_tree(host):
             return KernelHeaders(str(host), "host")
     arch = _DEBIAN_ARCH.get(platform.machine(), platform.machine())
-    pairs = _debian_pairs(root / "usr/src", arch)
+    # The host's /usr/src first; then the image's own copy, which a pod that mounts the
+    # host's /usr/src (for the host's headers) would otherwise hide.
+    pairs = _debian_pairs(root / "usr/src", arch) or _debian_pairs(Path(BUNDLED_DIR), arch)
     if pairs:
         version, common, arch_dir = pairs[0]
         if not merge:

@@ -475,3 +475,20 @@ def test_docs_examples_render_and_validate(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _agent_config(vals: dict[str, Any]) -> dict[str, Any]:
+    cm = rendered(vals).one("ConfigMap")
+    (text,) = cm["data"].values()
+    return dict(yaml.safe_load(text))
+
+
+def test_agents_exclude_their_own_pods_by_the_charts_name_label() -> None:
+    pod_labels = rendered({}).one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    selector = _agent_config({})["kube"]["agent_pod_selector"]
+    key, value = selector.split("=")
+    assert pod_labels[key] == value
+    renamed = _agent_config({"nameOverride": "logtap"})["kube"]["agent_pod_selector"]
+    assert renamed == "app.kubernetes.io/name=logtap"
+    own = {"config": {"kube": {"agent_pod_selector": "team=logs"}}}
+    assert _agent_config(own)["kube"]["agent_pod_selector"] == "team=logs"

@@ -106,8 +106,6 @@ def test_check_passes_with_only_the_bundled_headers(image: str, header_cache: Pa
     assert re.search(r"kernel headers for bcc: .*(Debian|debian)", out), out
 
 
-@pytest.mark.xfail(strict=True, reason="headers.py does not search /opt/podtap/kernel-headers "
-                   "yet: a host /usr/src without headers hides the image's (issue 9 report)")
 def test_check_passes_when_the_hosts_usr_src_has_no_headers(
     image: str, header_cache: Path, tmp_path: Path
 ) -> None:

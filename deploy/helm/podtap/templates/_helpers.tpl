@@ -135,6 +135,12 @@ a rotated token is picked up without a restart, and nothing shows in `kubectl de
 {{- $sinks = dict "stdout" (dict "kind" "stdout") -}}
 {{- end -}}
 {{- $_ := set $cfg "sinks" $sinks -}}
+{{- /* The agents' own pods are never captured: select them by the chart's name label. */ -}}
+{{- $kube := deepCopy (get $cfg "kube" | default dict) -}}
+{{- if not (hasKey $kube "agent_pod_selector") -}}
+{{- $_ := set $kube "agent_pod_selector" (printf "app.kubernetes.io/name=%s" (include "podtap.name" .)) -}}
+{{- end -}}
+{{- $_ := set $cfg "kube" $kube -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
