@@ -37,16 +37,3 @@ class ContainerMeta:
     namespace_labels: dict[str, str] = field(default_factory=dict)
     node_labels: dict[str, str] = field(default_factory=dict)  # of the node it runs on
     pid: int | None = None  # not in the kubelet answer; filled from the cgroup's cgroup.procs
-
-
-@dataclass(frozen=True, slots=True)
-class WatchedContainer:
-    """A container resolved to its cgroup v2 directory, ready for the kernel map."""
-
-    meta: ContainerMeta
-    cgroup_path: str
-    cgroup_id: int
-    stdout: FileIdent | None
-    stderr: FileIdent | None
-    capture_stdout: bool = True
-    capture_stderr: bool = True
