@@ -289,11 +289,17 @@ class ContainerEncoder:
 
     __slots__ = ("_double_time", "_heads", "_invalid_utf8", "_tails", "metadata")
 
-    def __init__(self, meta: ContainerMeta, fmt: RecordFormat | None = None) -> None:
+    def __init__(self, meta: ContainerMeta, fmt: RecordFormat | None = None,
+                 prefix: bytes = b"", suffix: bytes = b"") -> None:
+        """`prefix` and `suffix` are bytes every encoded line starts and ends with (an
+        Elasticsearch action line, a newline): part of the templates, not copied per line."""
         fmt = fmt or RecordFormat()
         self.metadata: bytes = orjson.dumps(metadata_fields(meta, fmt))[1:-1]
-        self._heads = _line_heads(fmt)
-        self._tails = _line_tails(self.metadata)
+        escaped = prefix.replace(b"%", b"%%")
+        heads = _line_heads(fmt)
+        self._heads = (escaped + heads[0], escaped + heads[1])
+        tails = _line_tails(self.metadata)
+        self._tails = (tails[0] + suffix, tails[1] + suffix)
         self._double_time = fmt.timestamp_key_es
         self._invalid_utf8 = fmt.invalid_utf8
 

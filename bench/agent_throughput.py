@@ -16,7 +16,7 @@ cost does not starve the agent on a 2-core machine.
 
     python bench/agent_throughput.py [--smoke] [--seconds N] [--writers N]
         [--sinks loki,elasticsearch] [--gzip on,off] [--rates 10000,50000,...]
-        [--env NAME=VALUE]... [--tree DIR]
+        [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON] [--tree DIR]
 
 --smoke: Loki with gzip at 10K lines/s for 3 s (< 60 s in all, for CI).
 """
@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 LINE = 100
 RATES = (10_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000)
+TRACE = "--trace" in sys.argv  # print the sink's counters while the writers run
 DRAIN_S = 5.0  # after the writers, every line must be acknowledged within this long
 
 # The counting backend: Loki push and Elasticsearch _bulk, in its own process.
@@ -172,7 +173,8 @@ class Agent:
 
 
 def start_agent(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
-                sink: dict[str, Any], env: dict[str, str], tree: Path) -> Agent:
+                sink: dict[str, Any], env: dict[str, str], tree: Path, prelude: str = ""
+                ) -> Agent:
     cfg = {
         "kube": {"kubelet_url": kubelet.url, "token_path": str(token),
                  "ca_path": kubelet.ca_path, "cgroup_roots": [box.root.name],
@@ -183,7 +185,12 @@ def start_agent(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path
     path = tmp / "podtap.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = tmp / "agent.log"
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c", str(path)],
+    command = ["-m", "agent.cli", "run", "-c", str(path)]
+    if prelude:  # Python run in the agent's process before the CLI (a GC setting, say)
+        command = ["-c", prelude + "\nimport runpy, sys\n"
+                   f"sys.argv = ['podtap', 'run', '-c', {str(path)!r}]\n"
+                   "runpy.run_module('agent.cli', run_name='__main__')"]
+    proc = subprocess.Popen([sys.executable, *command],
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"), cwd=tree,
                             env={**os.environ, **env})
     agent = Agent(proc, log)
@@ -229,6 +236,16 @@ class Case:
                 + (f" | counted losses {bad}" if bad else ""))
 
 
+def trace(agent: Agent, t: float) -> None:
+    m = agent.metrics()
+    sink = '{sink="bench"}'
+    print(f"      t={t:5.2f} captured={m.get('podtap_captured_records_total', 0):.0f}"
+          f" lines={m.get('podtap_lines_total', 0):.0f}"
+          f" in={m.get('podtap_sink_input_records_total' + sink, 0):.0f}"
+          f" sent={m.get('podtap_sink_sent_records_total' + sink, 0):.0f}"
+          f" mem={m.get('podtap_sink_buffered_memory_bytes' + sink, 0):.0f}", flush=True)
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs, from /proc/stat."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -250,6 +267,8 @@ def run_rate(agent: Agent, backend: Backend, exe: str, writers: list[Writer], ra
     samples = []
     while any(p.poll() is None for p in procs):
         samples.append(measure(agent.proc.pid))
+        if TRACE:
+            trace(agent, time.monotonic() - t0)
         time.sleep(0.25)
     t_writers = time.monotonic() - t0
     busy1 = machine_ticks()
@@ -276,10 +295,10 @@ def run_rate(agent: Agent, backend: Backend, exe: str, writers: list[Writer], ra
 
 def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
                backend: Backend, exe: str, writers: list[Writer], kind: str, gzip: bool,
-               rates: tuple[int, ...], seconds: float, env: dict[str, str], tree: Path
-               ) -> list[Case]:
-    sink = {"kind": kind, "url": backend.url, "gzip": gzip}
-    agent = start_agent(tmp, box, kubelet, token, sink, env, tree)
+               rates: tuple[int, ...], seconds: float, env: dict[str, str], tree: Path,
+               extra: dict[str, Any], prelude: str) -> list[Case]:
+    sink = {"kind": kind, "url": backend.url, "gzip": gzip, **extra}
+    agent = start_agent(tmp, box, kubelet, token, sink, env, tree, prelude)
     try:
         time.sleep(2)
         idle = measure(agent.proc.pid)
@@ -310,6 +329,11 @@ def main() -> None:
     parser.add_argument("--sinks", default="loki,elasticsearch")
     parser.add_argument("--gzip", default="on,off")
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--sink", default="{}",
+                        help='more sink options, as YAML: "{max_in_flight: 4}"')
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--prelude", default="",
+                        help='Python run in the agent first: "import gc; gc.freeze()"')
     parser.add_argument("--tree", type=Path, default=REPO,
                         help="run the agent of another checkout (as bench/memory.py --tree)")
     parser.add_argument("--env", action="append", default=[],
@@ -321,6 +345,7 @@ def main() -> None:
     if args.smoke:
         sinks, gzips, rates, seconds = ["loki"], [True], (10_000,), 3.0
     env = dict(e.split("=", 1) for e in args.env)
+    extra = yaml.safe_load(args.sink)
     box = CgroupSandbox(prefix="podtap-bench")
     backend = Backend()
     writers: list[Writer] = []
@@ -338,7 +363,8 @@ def main() -> None:
             for kind in sinks:
                 for gz in gzips:
                     cases = run_config(tmp, box, kubelet, token, backend, exe, writers, kind,
-                                       gz, rates, seconds, env, args.tree)
+                                       gz, rates, seconds, env, args.tree, extra,
+                                       args.prelude)
                     failed |= not cases[0].held
             if args.smoke and failed:
                 raise SystemExit("smoke: 10K lines/s was not held")

@@ -95,6 +95,7 @@ class BulkItemEncoder:
         "_head",
         "_last_ns",
         "_plain",
+        "_plain_item",
         "_record",
         "group",
     )
@@ -108,10 +109,14 @@ class BulkItemEncoder:
         document_id: bool,
     ) -> None:
         self.group = b""
-        self._record = ContainerEncoder(meta, fmt).encode
         self._dated = dated
         self._head = b'{"' + op + b'":{'  # the action up to its members
         self._plain = self._head + b"}}\n"  # the whole action line without _index or _id
+        plain = document_id is False and dated is None  # the default: a data stream
+        # Plain: the whole item (action line, record, newline) from the record's templates.
+        self._record = (ContainerEncoder(meta, fmt, self._plain, b"\n") if plain
+                        else ContainerEncoder(meta, fmt)).encode
+        self._plain_item = plain
         self._day = -1
         self._day_head = b""
         self._hash = (
@@ -125,8 +130,8 @@ class BulkItemEncoder:
 
     def encode(self, time_ns: int, stream: int, message: bytes, partial: bool) -> bytes:
         record = self._record(time_ns, stream, message, partial)
-        if self._hash is None and self._dated is None:  # the default: a data stream
-            return b"".join((self._plain, record, b"\n"))
+        if self._plain_item:
+            return record
         if self._dated is not None:
             day = time_ns // _NS_PER_DAY
             if day != self._day:
