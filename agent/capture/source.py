@@ -65,8 +65,8 @@ class CaptureSource:
             if records:
                 yield records
             # queue.get() does not suspend while spans are waiting: without this, a
-            # sustained backlog kept the loop in this loop and the sinks' sends starved
-            # (batches piled up in their buffers and were dropped at 150K lines/s).
+            # backlog would keep the event loop here until it is gone, and the sinks'
+            # sends (and the telemetry) would wait as long while their batches pile up.
             await asyncio.sleep(0)
 
     def stop(self) -> None:
