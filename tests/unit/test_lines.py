@@ -657,6 +657,20 @@ def test_no_line_joins_bytes_across_a_gap(
     assert pos == {k: len(v) for k, v in data_of.items() if v}
 
 
+def test_one_line_writes_while_another_key_has_a_pending_line() -> None:
+    """process() takes a one-line write straight to a line only when nothing is pending;
+    around a pending line of another key, each key still gets its own bytes in order."""
+    asm = LineAssembler()
+    out: list[Line] = []
+    asm.process([data_rec(1, 1, b"one "), data_rec(2, 1, b"whole\n", ts=2),
+                 data_rec(1, 2, b"err\n", ts=3), data_rec(1, 1, b"two\n", ts=4),
+                 data_rec(2, 1, b"again\n", ts=5)], out)
+    assert [(ts, pid, stream, msg, partial) for ts, pid, stream, _tag, msg, partial in out] == [
+        (2, 2, 1, b"whole", False), (3, 1, 2, b"err", False), (1, 1, 1, b"one two", False),
+        (5, 2, 1, b"again", False)]
+    assert asm.pending_streams == 0
+
+
 def test_pid_reused_in_another_cgroup_ends_the_old_line_first() -> None:
     asm = LineAssembler()
     out: list[Line] = []

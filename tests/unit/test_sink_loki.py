@@ -248,6 +248,35 @@ def test_body_orders_every_stream_by_time_stably(
     assert got == {k: sorted(v, key=lambda e: e[0]) for k, v in expected.items()}
 
 
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2]), st.integers(0, 10**18),
+                          st.sampled_from([1, 2]), st.binary(max_size=8), st.booleans()),
+                max_size=60),
+       st.booleans(), st.sampled_from(["none", "structured"]))
+def test_body_of_several_containers_holds_each_stream_once_in_time_order(
+    lines: list[tuple[int, int, int, bytes, bool]], stream_label: bool, metadata: str
+) -> None:
+    """The body is one join with the stream openings glued to values: whatever the number
+    of groups and streams, it is one JSON document with every value in its stream."""
+    labels = ("namespace", "pod", "stream") if stream_label else ("namespace", "pod")
+    codec = LokiCodec(sink_cfg("http://127.0.0.1:1", labels=labels, metadata=metadata),
+                      RecordFormat())
+    metas = [META, OTHER, replace(OTHER, pod_name="db-1", container_id="e" * 64)]
+    encoders = [codec.encoder(m) for m in metas]
+    batch = batch_of([(encoders[c], t, s, m, p) for c, t, s, m, p in lines])
+    doc = orjson.loads(codec.body(batch))
+    got: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for stream in doc["streams"]:
+        key = (stream["stream"]["pod"], stream["stream"].get("stream", "all"))
+        assert key not in got, "a stream appears twice"
+        assert stream["values"], "a stream without values"
+        got[key] = [(int(value[0]), value[1]) for value in stream["values"]]
+    expected: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for c, t, s, m, _ in lines:
+        name = ("stdout" if s == 1 else "stderr") if stream_label else "all"
+        expected.setdefault((metas[c].pod_name, name), []).append((t, m.decode("utf-8", "replace")))
+    assert got == {k: sorted(v, key=lambda e: e[0]) for k, v in expected.items()}
+
+
 # --- metadata modes ----------------------------------------------------------------------
 
 
