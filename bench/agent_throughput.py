@@ -55,6 +55,7 @@ LINE = 100
 RATES = (10_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000)
 TRACE = "--trace" in sys.argv  # print the sink's counters while the writers run
 DRAIN_S = 5.0  # after the writers, every line must be acknowledged within this long
+IDLE_S = 3.0  # the idle agent's CPU and RSS are measured over this long
 
 # The counting backend: Loki push and Elasticsearch _bulk, in its own process.
 BACKEND = r"""
@@ -300,9 +301,13 @@ def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
     sink = {"kind": kind, "url": backend.url, "gzip": gzip, **extra}
     agent = start_agent(tmp, box, kubelet, token, sink, env, tree, prelude)
     try:
-        time.sleep(2)
+        time.sleep(1)
+        cpu0 = process_cpu_s(agent.proc.pid)
+        time.sleep(IDLE_S)
+        idle_cores = (process_cpu_s(agent.proc.pid) - cpu0) / IDLE_S
         idle = measure(agent.proc.pid)
-        print(f"  {kind}, gzip {'on' if gzip else 'off'}: idle {idle.line()}", flush=True)
+        print(f"  {kind}, gzip {'on' if gzip else 'off'}: idle {idle_cores:5.3f} cores,"
+              f" {idle.line()}", flush=True)
         cases = []
         for rate in rates:
             case = run_rate(agent, backend, exe, writers, rate, seconds)
