@@ -30,11 +30,7 @@ from tests.simnode.tls import TLSFiles, generate_tls
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.apis3rv3r-podtap-token-0123456789"
 WRONG = "eyJhbGciOiJSUzI1NiJ9.wr0ng-podtap-token-9876543210"
 LOGGER = "podtap.kube"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return generate_tls(tmp_path_factory.mktemp("tls"), name="apiserver")
+TLS_NAME = "apiserver"
 
 
 @pytest.fixture
@@ -42,13 +38,6 @@ def server(tls: TLSFiles) -> Iterator[FakeApiServer]:
     with FakeApiServer(token=TOKEN, tls=tls) as fake:
         fake.add_namespace("shop", {"team": "a"})
         yield fake
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    return path
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
 from tests.simnode.containers import remove_tree
 from tests.simnode.kubelet import FakeKubelet
-from tests.simnode.tls import TLSFiles, generate_tls
+from tests.simnode.tls import TLSFiles
 
 TOKEN = "disc-token-0123456789"
 HOST = "simnode-1"
@@ -47,11 +47,6 @@ Entry = tuple[FileIdent | None, FileIdent | None, bool, bool]
 
 # --- fixtures ------------------------------------------------------------------------------
 
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return generate_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

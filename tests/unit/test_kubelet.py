@@ -35,11 +35,6 @@ RETRIES = 2
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return generate_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
 def other_tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return generate_tls(tmp_path_factory.mktemp("other-tls"), name="impostor")
 
@@ -49,13 +44,6 @@ def kubelet(tls: TLSFiles) -> Iterator[FakeKubelet]:
     with FakeKubelet(token=TOKEN, tls=tls) as fake:
         fake.add_pod("default", "web-0", containers=[("web", "nginx:1.27", CID)])
         yield fake
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    return path
 
 
 def config_for(kubelet: FakeKubelet, token_file: Path | None, **overrides: Any) -> KubeletConfig:
