@@ -244,7 +244,9 @@ def trace(agent: Agent, t: float) -> None:
           f" lines={m.get('podtap_lines_total', 0):.0f}"
           f" in={m.get('podtap_sink_input_records_total' + sink, 0):.0f}"
           f" sent={m.get('podtap_sink_sent_records_total' + sink, 0):.0f}"
-          f" mem={m.get('podtap_sink_buffered_memory_bytes' + sink, 0):.0f}", flush=True)
+          f" mem={m.get('podtap_sink_buffered_memory_bytes' + sink, 0):.0f}"
+          f" sends={m.get('podtap_sink_send_latency_seconds_count' + sink, 0):.0f}"
+          f" send_s={m.get('podtap_sink_send_latency_seconds_sum' + sink, 0):.3f}", flush=True)
 
 
 def machine_ticks() -> tuple[int, int]:
