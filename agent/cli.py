@@ -85,6 +85,7 @@ def _tap_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
+    from agent.lifecycle import tune_runtime
     from agent.tap import TapPipeline, resolve_targets
 
     if not args.cgroup and not args.pid:
@@ -97,6 +98,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
         cfg, targets, stdout=both or args.stdout, stderr=both or args.stderr,
         fmt=args.format, out=sys.stdout.buffer,
     )
+    tune_runtime()
     return asyncio.run(pipeline.run())
 
 
@@ -134,9 +136,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(yaml.safe_dump(effective_config(cfg), sort_keys=False))
         return 0
-    from agent.pipeline import run_agent
+    from agent.lifecycle import tune_runtime
+    from agent.pipeline import AgentPipeline
 
-    return asyncio.run(run_agent(cfg))
+    pipeline = AgentPipeline(cfg)
+    tune_runtime()
+    return asyncio.run(pipeline.run())
 
 
 def cmd_config_schema(_args: argparse.Namespace) -> int:

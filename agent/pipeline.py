@@ -360,7 +360,3 @@ def sink_summary(stats: SinkStats) -> dict[str, object]:
         "memory_bytes": stats.memory_bytes_now,
         "disk_bytes": stats.disk_bytes_now,
     }
-
-
-async def run_agent(cfg: Config) -> int:
-    return await AgentPipeline(cfg).run()
