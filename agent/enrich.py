@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.capture.abi import STREAM_STDOUT
 from agent.kube.discovery import Known
 from agent.lines import Line
 from agent.sinks.base import Enriched, Origin
 
-STDOUT = 1
+STDOUT = STREAM_STDOUT
 HELD_LINE_OVERHEAD = 96  # bytes a held line costs beyond its message (tuple, ints, list slot)
 
 

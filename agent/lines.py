@@ -36,8 +36,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent.capture.events import EV_CGROUP, boottime_ns
-from agent.capture.probe import CONSTANTS
+from agent.capture.abi import EV_CGROUP, EV_DATA, EV_EXIT, EV_THREAD_EXIT, F_LOSS, F_TRUNCATED
+from agent.capture.events import boottime_ns
 from agent.config import Config
 
 __all__ = ["Line", "LineAssembler", "Record"]
@@ -47,11 +47,11 @@ Line = tuple[int, int, int, object, bytes, bool]
 Record = tuple[int, int, int, int, int, int, int, bytes, bytes]
 #        (ts_ns, cgroup_id, pid, tid, type, stream, flags, comm, data): a decoded capture record
 
-_EV_DATA = CONSTANTS["EV_DATA"]
-_EV_EXIT = CONSTANTS["EV_EXIT"]
-_EV_THREAD_EXIT = CONSTANTS["EV_THREAD_EXIT"]
-_F_LOSS = CONSTANTS["F_LOSS"]
-_F_TRUNCATED = CONSTANTS["F_TRUNCATED"]
+_EV_DATA = EV_DATA  # module globals: the hot loop reads them without an attribute lookup
+_EV_EXIT = EV_EXIT
+_EV_THREAD_EXIT = EV_THREAD_EXIT
+_F_LOSS = F_LOSS
+_F_TRUNCATED = F_TRUNCATED
 _GAP_FLAGS = _F_LOSS | _F_TRUNCATED
 
 # Pending state of one key is a small list (cheaper to build and index than an object):

@@ -45,6 +45,7 @@ from typing import Literal
 
 import orjson
 
+from agent.capture.abi import STREAM_STDERR, STREAM_STDOUT
 from agent.kube.model import ContainerMeta
 
 __all__ = [
@@ -57,8 +58,8 @@ __all__ = [
     "metadata_fields",
 ]
 
-STDOUT = 1
-STDERR = 2
+STDOUT = STREAM_STDOUT
+STDERR = STREAM_STDERR
 
 Schema = Literal["fluentbit", "otel"]
 _SCHEMAS = ("fluentbit", "otel")

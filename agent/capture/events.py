@@ -35,23 +35,23 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.capture.probe import CONSTANTS
+from agent.capture.abi import (  # noqa: F401  # re-exported: the record vocabulary
+    EV_CGROUP,
+    EV_DATA,
+    EV_EXIT,
+    EV_THREAD_EXIT,
+    EVENT_HDR,
+    F_CONTINUATION,
+    F_FD_FALLBACK,
+    F_LOSS,
+    F_TRUNCATED,
+    F_UNKNOWN,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+)
 
 log = logging.getLogger("podtap.capture")
 
-EV_DATA = CONSTANTS["EV_DATA"]
-EV_EXIT = CONSTANTS["EV_EXIT"]
-EV_CGROUP = CONSTANTS["EV_CGROUP"]
-STREAM_STDOUT = CONSTANTS["STREAM_STDOUT"]
-STREAM_STDERR = CONSTANTS["STREAM_STDERR"]
-F_FD_FALLBACK = CONSTANTS["F_FD_FALLBACK"]
-F_TRUNCATED = CONSTANTS["F_TRUNCATED"]
-F_CONTINUATION = CONSTANTS["F_CONTINUATION"]
-F_UNKNOWN = CONSTANTS["F_UNKNOWN"]
-F_LOSS = CONSTANTS["F_LOSS"]
-
-EVENT_HDR = struct.Struct("<QQIIIHBB16s")
-assert EVENT_HDR.size == CONSTANTS["EVENT_HDR_SIZE"]
 RINGBUF_HDR_SIZE = 8
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.capture.abi import bpf_dir
 from agent.capture.headers import HeadersError, find_kernel_headers
 
 TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BPF_DIR_ENV = "PODTAP_BPF_DIR"
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 CAP_SYS_ADMIN = 21
 CAP_BPF = 39
@@ -130,8 +130,7 @@ class CheckResult:
 
 
 def bpf_source_dir() -> Path:
-    env = os.environ.get(BPF_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "bpf"
+    return bpf_dir()
 
 
 @dataclass(frozen=True, slots=True)

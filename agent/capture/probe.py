@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.capture import bpfsys
+from agent.capture.abi import (  # noqa: F401  # re-exported for the probe's users
+    BPF_DIR_ENV,
+    C_CAPTURE_STDERR,
+    C_CAPTURE_STDOUT,
+    C_IDENT_KNOWN,
+    CONSTANTS,
+    CONTAINER_VALUE,
+    COUNTER_NAMES,
+    bpf_dir,
+)
 from agent.capture.host import HOOKS, Hook
 from agent.capture.loader import (
     Loaded,
@@ -38,7 +46,6 @@ __all__ = ["CONSTANTS", "COUNTER_NAMES", "PodsRoot", "Probe", "ProbeError", "tra
 
 log = logging.getLogger("podtap.capture")
 
-BPF_DIR_ENV = "PODTAP_BPF_DIR"
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -55,45 +62,17 @@ class PodsRoot:
     level: int  # depth below the cgroup v2 root (the root is level 0)
 
 
-def bpf_dir() -> Path:
-    env = os.environ.get(BPF_DIR_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "bpf"
-
-
-def header_constants(path: Path | None = None) -> dict[str, int]:
-    """The integer `#define NAME value` constants of bpf/podtap.h."""
-    text = (path or bpf_dir() / "podtap.h").read_text()
-    return {
-        m.group(1): int(m.group(2), 0)
-        for m in re.finditer(r"^#define\s+([A-Z][A-Z0-9_]*)\s+(\d+|0x[0-9a-fA-F]+)\b", text, re.M)
-    }
-
-
-CONSTANTS = header_constants()
-COUNTER_NAMES: tuple[str, ...] = tuple(
-    name.removeprefix("CNT_").lower()
-    for name, _ in sorted(
-        ((n, v) for n, v in CONSTANTS.items() if n.startswith("CNT_")), key=lambda nv: nv[1]
-    )
-)
-
-
-CONTAINER_VALUE = struct.Struct("<QQIIII")  # struct container of bpf/podtap.h
-
-
 def container_value(
     stdout: FileIdent | None, stderr: FileIdent | None, capture_stdout: bool, capture_stderr: bool
 ) -> bytes:
     flags = 0
     if capture_stdout:
-        flags |= CONSTANTS["C_CAPTURE_STDOUT"]
+        flags |= C_CAPTURE_STDOUT
     if capture_stderr:
-        flags |= CONSTANTS["C_CAPTURE_STDERR"]
+        flags |= C_CAPTURE_STDERR
     if stdout is None or stderr is None:
         return CONTAINER_VALUE.pack(0, 0, 0, 0, flags, 0)
-    flags |= CONSTANTS["C_IDENT_KNOWN"]
+    flags |= C_IDENT_KNOWN
     return CONTAINER_VALUE.pack(stdout.ino, stderr.ino, stdout.dev, stderr.dev, flags, 0)
 
 
@@ -234,7 +213,7 @@ class Probe:
         if raw is None:
             return None
         out_ino, err_ino, out_dev, err_dev, flags, _ = CONTAINER_VALUE.unpack(raw)
-        if not flags & CONSTANTS["C_IDENT_KNOWN"]:
+        if not flags & C_IDENT_KNOWN:
             return None
         return FileIdent(out_dev, out_ino), FileIdent(err_dev, err_ino)
 

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent.capture.abi import STREAM_STDERR, STREAM_STDOUT
 from agent.kube.model import ContainerMeta
 
-STDOUT = 1
-STDERR = 2
+STDOUT = STREAM_STDOUT
+STDERR = STREAM_STDERR
 
 
 class Origin:
