@@ -115,9 +115,17 @@ class AgentPipeline:
         filters = FilterConfig(
             **{f.name: getattr(cfg.filters, f.name) for f in dataclasses.fields(cfg.filters)}
         )
+        self.core_api: Any = None
+        self.namespaces: NamespaceLabels | None = None
+        if cfg.records.include_namespace_labels or cfg.records.include_node_labels:
+            self._connect_apiserver()
         self.discovery = Discovery(
             kube, filters, self.client, self.probe, self.mount, node_name(kube),
-            "/" + (pods_rel or ""), learned_idents=self.probe.learned_idents,
+            "/" + (pods_rel or ""),
+            learned_idents=self.probe.learned_idents,
+            on_forget=self._forget,
+            on_changed=self._forget,  # rebuilt from the new metadata at the next line
+            namespace_labels=self._namespace_labels,
         )
         self.lines = LineStage(cfg, on_cgroup=self.discovery.on_cgroup_created)
         self.enricher = Enricher(
@@ -128,12 +136,6 @@ class AgentPipeline:
             int(kube.hold_timeout_s * 1e9),
             self.discovery.request_poll,
         )
-        self.discovery.on_forget = self.enricher.forget
-        self.discovery.on_changed = self.enricher.forget  # rebuilt from the new metadata
-        self.core_api: Any = None
-        self.namespaces: NamespaceLabels | None = None
-        if cfg.records.include_namespace_labels or cfg.records.include_node_labels:
-            self._connect_apiserver()
         self.telemetry: TelemetryServer | None = None
         if cfg.telemetry.enabled:
             self.telemetry = TelemetryServer(cfg.telemetry, self.snapshot, self.readiness)
@@ -161,7 +163,12 @@ class AgentPipeline:
             self.namespaces = NamespaceLabels(
                 self.core_api, watch_timeout_s=kube.namespace_watch_timeout_s
             )
-            self.discovery.namespace_labels = self.namespaces.get
+
+    def _namespace_labels(self, namespace: str) -> dict[str, str]:
+        return self.namespaces.get(namespace) if self.namespaces is not None else {}
+
+    def _forget(self, cgroup_id: int) -> None:
+        self.enricher.forget(cgroup_id)
 
     def _namespace_changed(self, namespace: str) -> None:
         for cg in self.discovery.relabel_namespace(namespace):

@@ -48,6 +48,14 @@ MapEntry = tuple[FileIdent | None, FileIdent | None, bool, bool]  # stdout, stde
 OwnCgroupFinder = Callable[[str, Sequence[str]], tuple[str, int] | None]  # (mount, roots)
 
 
+def _ignore(_cgroup_id: int) -> None:
+    return None
+
+
+def _no_labels(_namespace: str) -> dict[str, str]:
+    return {}
+
+
 def _nothing_learned(_cgroup_id: int) -> Idents | None:
     return None
 
@@ -174,7 +182,13 @@ class Discovery:
         learned_idents: Callable[[int], Idents | None] = _nothing_learned,
         find_own_cgroup: OwnCgroupFinder | None = own_cgroup,
         clock: Callable[[], float] = time.monotonic,
+        on_forget: Callable[[int], None] = _ignore,
+        on_changed: Callable[[int], None] = _ignore,
+        namespace_labels: Callable[[str], dict[str, str]] = _no_labels,
     ) -> None:
+        """`on_forget(cgroup_id)`: a gone container's metadata is dropped; `on_changed`:
+        its metadata changed (what was built from it must be rebuilt); `namespace_labels`:
+        the labels of a namespace (from the API server, when that is on)."""
         self.cfg = cfg
         self.filters = filters
         self.client = client
@@ -189,9 +203,9 @@ class Discovery:
         self._wake = asyncio.Event()
         self._last_poll = 0.0
         self._poll_lock = asyncio.Lock()
-        self.on_forget: Callable[[int], None] = lambda _cgroup_id: None
-        self.on_changed: Callable[[int], None] = lambda _cgroup_id: None
-        self.namespace_labels: Callable[[str], dict[str, str]] = lambda _namespace: {}
+        self.on_forget = on_forget
+        self.on_changed = on_changed
+        self.namespace_labels = namespace_labels
         self.node_labels: dict[str, str] = {}
         self.learned_idents = learned_idents
         self._clock = clock  # for the grace period of gone containers
