@@ -151,7 +151,7 @@ class FiltersConfig:
     stderr: bool = True
 
     def validate(self) -> None:
-        from agent.kube.filters import FilterConfig, FilterError, parse_selector
+        from agent.kube.filters import FilterError, Filters, parse_selector
 
         for key in ("include_pod_labels", "exclude_pod_labels"):
             try:
@@ -159,7 +159,7 @@ class FiltersConfig:
             except FilterError as e:
                 raise ConfigError(f"filters.{key}: {e}") from e
         try:
-            FilterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+            Filters(self)
         except FilterError as e:
             raise ConfigError(f"filters: {e}") from e
 

@@ -30,7 +30,7 @@ from agent.config import Config, KubeConfig
 from agent.enrich import Enricher
 from agent.kube.cgroups import find_cgroup2_mount
 from agent.kube.discovery import Discovery
-from agent.kube.filters import FilterConfig
+from agent.kube.filters import Filters
 from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.lifecycle import install_stop_signals, run_until_stopped, stop_if_drain_failed
 from agent.lines import Line, LineStage
@@ -112,9 +112,7 @@ class AgentPipeline:
         self.probe = Probe(cfg.capture, pods_root)
         self.client = KubeletClient(kubelet_config(kube))
         self.sinks: list[Sink] = build_sinks(cfg, out if out is not None else sys.stdout.buffer)
-        filters = FilterConfig(
-            **{f.name: getattr(cfg.filters, f.name) for f in dataclasses.fields(cfg.filters)}
-        )
+        filters = Filters(cfg.filters)
         self.core_api: Any = None
         self.namespaces: NamespaceLabels | None = None
         if cfg.records.include_namespace_labels or cfg.records.include_node_labels:

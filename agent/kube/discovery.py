@@ -35,7 +35,7 @@ from agent.kube.cgroups import (
     scan_containers,
     stream_idents,
 )
-from agent.kube.filters import FilterConfig, Selector, decide, parse_selector
+from agent.kube.filters import Filters, Selector, decide, parse_selector
 from agent.kube.kubelet import KubeletAuthError, KubeletClient, KubeletError
 from agent.kube.model import ContainerMeta, FileIdent
 from agent.kube.pods import pod_labels, running_containers
@@ -172,7 +172,7 @@ class Discovery:
     def __init__(
         self,
         cfg: KubeConfig,
-        filters: FilterConfig,
+        filters: Filters,
         client: KubeletClient,
         writer: MapWriter,
         mount: str,

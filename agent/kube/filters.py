@@ -10,7 +10,7 @@ A container is captured unless one of these excludes it, checked in this order:
    ``podtap.io/exclude`` excludes the whole pod,
    ``podtap.io/exclude-<container name>`` excludes that container.
 
-Streams: ``stdout``/``stderr`` of FilterConfig switch a stream off everywhere, and the pod
+Streams: ``filters.stdout``/``filters.stderr`` switch a stream off everywhere, and the pod
 annotations ``podtap.io/exclude-stdout`` / ``podtap.io/exclude-stderr`` switch it off for
 the pod. These two keys always mean streams, so containers named ``stdout`` or ``stderr``
 cannot be excluded by name. Annotation key names are limited to 63 characters, so the
@@ -30,13 +30,15 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
+from agent.config import FiltersConfig
 from agent.kube.model import ContainerMeta
 
 __all__ = [
     "ANNOTATION_PREFIX",
-    "FilterConfig",
+    "Filters",
     "FilterError",
     "Requirement",
     "Selector",
@@ -259,32 +261,31 @@ def _compile_globs(globs: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
-@dataclass(frozen=True, slots=True)
-class FilterConfig:
-    """What to capture; see the module docstring. Selectors are parsed on construction,
-    which raises FilterError for a malformed one."""
+class Filters:
+    """The `filters` section compiled: namespace globs to one pattern each, selectors
+    parsed. Raises FilterError for a malformed one (see the module docstring)."""
 
-    include_namespaces: Sequence[str] = ()
-    exclude_namespaces: Sequence[str] = ()
-    include_pod_labels: str = ""
-    exclude_pod_labels: str = ""
-    stdout: bool = True
-    stderr: bool = True
-    _include_ns: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    _exclude_ns: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    _include_labels: Selector = field(init=False, repr=False, compare=False)
-    _exclude_labels: Selector = field(init=False, repr=False, compare=False)
+    __slots__ = ("_exclude_labels", "_exclude_ns", "_include_labels", "_include_ns",
+                 "exclude_namespaces", "include_namespaces", "stderr", "stdout")
 
-    def __post_init__(self) -> None:
+    def __init__(self, cfg: FiltersConfig) -> None:
         for name in ("include_namespaces", "exclude_namespaces"):
-            globs = getattr(self, name)
+            globs = getattr(cfg, name)
             if isinstance(globs, str):
                 raise FilterError(f"{name} must be a list of globs, not the string {globs!r}")
-            object.__setattr__(self, name, tuple(globs))
-        object.__setattr__(self, "_include_ns", _compile_globs(self.include_namespaces))
-        object.__setattr__(self, "_exclude_ns", _compile_globs(self.exclude_namespaces))
-        object.__setattr__(self, "_include_labels", parse_selector(self.include_pod_labels))
-        object.__setattr__(self, "_exclude_labels", parse_selector(self.exclude_pod_labels))
+        self.include_namespaces = tuple(cfg.include_namespaces)
+        self.exclude_namespaces = tuple(cfg.exclude_namespaces)
+        self.stdout = cfg.stdout
+        self.stderr = cfg.stderr
+        self._include_ns = _compile_globs(self.include_namespaces)
+        self._exclude_ns = _compile_globs(self.exclude_namespaces)
+        self._include_labels = parse_selector(cfg.include_pod_labels)
+        self._exclude_labels = parse_selector(cfg.exclude_pod_labels)
+
+    @classmethod
+    def of(cls, **fields: Any) -> Filters:
+        """Filters from the keys of the `filters` section."""
+        return cls(FiltersConfig(**fields))
 
     def namespace_selected(self, namespace: str) -> bool:
         if self._include_ns is not None and not self._include_ns.fullmatch(namespace):
@@ -311,7 +312,7 @@ def _excluded_by_annotation(meta: ContainerMeta) -> bool:
     return _annotation_true(annotations, container_key)
 
 
-def decide(meta: ContainerMeta, cfg: FilterConfig) -> tuple[bool, bool]:
+def decide(meta: ContainerMeta, cfg: Filters) -> tuple[bool, bool]:
     """(capture stdout, capture stderr) for this container; (False, False) if excluded."""
     if (
         not cfg.namespace_selected(meta.namespace)

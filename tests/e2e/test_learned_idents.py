@@ -25,7 +25,7 @@ from agent.capture.events import EV_DATA
 from agent.capture.probe import CONSTANTS
 from agent.config import Config, KubeConfig
 from agent.kube.discovery import Discovery
-from agent.kube.filters import FilterConfig
+from agent.kube.filters import Filters
 from agent.kube.model import ContainerMeta, FileIdent
 from tests.kernel import LiveProbe, require_kernel
 from tests.simnode.containers import Container, remove_tree
@@ -92,7 +92,7 @@ def test_learned_identities_win_over_what_proc_shows_later(
     c = Container(Path(mount, root, f"kubepods/besteffort/pod{uid}/{cid}"))
     discovery = Discovery(
         KubeConfig(cgroup_roots=(root,)),
-        FilterConfig(),
+        Filters.of(),
         NoKubelet(),  # type: ignore[arg-type]
         live.probe,
         mount,

@@ -29,7 +29,7 @@ import pytest
 from agent.config import KubeConfig
 from agent.kube.cgroups import own_cgroup
 from agent.kube.discovery import Discovery, Known, RepollSchedule
-from agent.kube.filters import FilterConfig
+from agent.kube.filters import Filters
 from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
 from tests.simnode.containers import remove_tree
@@ -193,7 +193,7 @@ class Node:
     kubelet: FakeKubelet
     tree: CgroupTree
     token_path: str
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    filters: Filters = field(default_factory=Filters.of)
     kube: dict[str, Any] = field(default_factory=dict)
     client_opts: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # Discovery's keyword arguments
@@ -501,27 +501,27 @@ def test_container_outside_the_configured_roots_is_ignored(node: Node) -> None:
 # --- exclusion -----------------------------------------------------------------------------
 
 EXCLUSIONS: list[Any] = [
-    pytest.param({"annotations": {"podtap.io/exclude": "true"}}, FilterConfig(), id="annotation"),
+    pytest.param({"annotations": {"podtap.io/exclude": "true"}}, Filters.of(), id="annotation"),
     pytest.param(
-        {"annotations": {"podtap.io/exclude": "TRUE"}}, FilterConfig(), id="annotation-case"
+        {"annotations": {"podtap.io/exclude": "TRUE"}}, Filters.of(), id="annotation-case"
     ),
     pytest.param(
         {"annotations": {"podtap.io/exclude-app": "true"}},
-        FilterConfig(),
+        Filters.of(),
         id="container-annotation",
     ),
-    pytest.param({}, FilterConfig(exclude_namespaces=("sh*",)), id="exclude-namespace"),
-    pytest.param({}, FilterConfig(include_namespaces=("kube-system",)), id="include-namespace"),
+    pytest.param({}, Filters.of(exclude_namespaces=("sh*",)), id="exclude-namespace"),
+    pytest.param({}, Filters.of(include_namespaces=("kube-system",)), id="include-namespace"),
     pytest.param(
         {"labels": {"app": "web"}},
-        FilterConfig(exclude_pod_labels="app in (web,db)"),
+        Filters.of(exclude_pod_labels="app in (web,db)"),
         id="exclude-labels",
     ),
     pytest.param(
-        {"labels": {"app": "web"}}, FilterConfig(include_pod_labels="app=api"), id="include-labels"
+        {"labels": {"app": "web"}}, Filters.of(include_pod_labels="app=api"), id="include-labels"
     ),
-    pytest.param({}, FilterConfig(include_pod_labels="team"), id="include-labels-missing"),
-    pytest.param({}, FilterConfig(stdout=False, stderr=False), id="both-streams-off"),
+    pytest.param({}, Filters.of(include_pod_labels="team"), id="include-labels-missing"),
+    pytest.param({}, Filters.of(stdout=False, stderr=False), id="both-streams-off"),
 ]
 
 
@@ -531,7 +531,7 @@ def test_excluded_container_is_in_the_map_with_capture_off(
     tree: CgroupTree,
     token_path: str,
     pod: dict[str, Any],
-    filters: FilterConfig,
+    filters: Filters,
 ) -> None:
     node = Node(kubelet, tree, token_path, filters=filters)
     uid, cid = new_ids()
@@ -557,12 +557,12 @@ def test_excluded_container_is_in_the_map_with_capture_off(
 @pytest.mark.parametrize(
     ("annotations", "filters", "flags"),
     [
-        ({"podtap.io/exclude-stdout": "true"}, FilterConfig(), (False, True)),
-        ({"podtap.io/exclude-stderr": "true"}, FilterConfig(), (True, False)),
-        ({}, FilterConfig(stdout=False), (False, True)),
-        ({}, FilterConfig(stderr=False), (True, False)),
-        ({"podtap.io/exclude": "false"}, FilterConfig(), (True, True)),
-        ({"podtap.io/exclude-other": "true"}, FilterConfig(), (True, True)),
+        ({"podtap.io/exclude-stdout": "true"}, Filters.of(), (False, True)),
+        ({"podtap.io/exclude-stderr": "true"}, Filters.of(), (True, False)),
+        ({}, Filters.of(stdout=False), (False, True)),
+        ({}, Filters.of(stderr=False), (True, False)),
+        ({"podtap.io/exclude": "false"}, Filters.of(), (True, True)),
+        ({"podtap.io/exclude-other": "true"}, Filters.of(), (True, True)),
     ],
 )
 def test_stream_flags_reach_the_map(
@@ -570,7 +570,7 @@ def test_stream_flags_reach_the_map(
     tree: CgroupTree,
     token_path: str,
     annotations: dict[str, str],
-    filters: FilterConfig,
+    filters: Filters,
     flags: tuple[bool, bool],
 ) -> None:
     node = Node(kubelet, tree, token_path, filters=filters)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.kube.filters import FilterConfig, FilterError, Requirement, decide, parse_selector
+from agent.kube.filters import FilterError, Filters, Requirement, decide, parse_selector
 from agent.kube.model import ContainerMeta
 
 META = ContainerMeta(
@@ -135,9 +135,9 @@ def test_bad_selectors_rejected(selector: str, message: str) -> None:
 
 def test_bad_selector_rejected_at_config_time() -> None:
     with pytest.raises(FilterError, match=r"'app in \(web'"):
-        FilterConfig(include_pod_labels="app in (web")
+        Filters.of(include_pod_labels="app in (web")
     with pytest.raises(FilterError, match="'tier==,'"):
-        FilterConfig(exclude_pod_labels="tier==,")
+        Filters.of(exclude_pod_labels="tier==,")
 
 
 def test_error_position_points_at_the_problem() -> None:
@@ -170,25 +170,25 @@ def test_error_position_points_at_the_problem() -> None:
 def test_namespace_globs(
     include: list[str], exclude: list[str], namespace: str, captured: bool
 ) -> None:
-    cfg = FilterConfig(include_namespaces=include, exclude_namespaces=exclude)
+    cfg = Filters.of(include_namespaces=include, exclude_namespaces=exclude)
     assert decide(replace(META, namespace=namespace), cfg) == (BOTH if captured else NONE)
 
 
 def test_namespace_globs_must_be_a_list() -> None:
     with pytest.raises(FilterError, match="list of globs"):
-        FilterConfig(include_namespaces="shop")
+        Filters.of(include_namespaces="shop")
 
 
 def test_config_lists_are_frozen_copies() -> None:
     globs = ["shop"]
-    cfg = FilterConfig(include_namespaces=globs)
+    cfg = Filters.of(include_namespaces=globs)
     globs.append("other")
     assert cfg.include_namespaces == ("shop",)
     assert decide(replace(META, namespace="other"), cfg) == NONE
 
 
 def test_defaults_capture_everything() -> None:
-    cfg = FilterConfig()
+    cfg = Filters.of()
     assert cfg.exclude_namespaces == ()
     assert decide(replace(META, namespace="kube-system"), cfg) == BOTH
 
@@ -197,7 +197,7 @@ def test_defaults_capture_everything() -> None:
 
 
 def test_include_and_exclude_pod_labels() -> None:
-    cfg = FilterConfig(include_pod_labels="app in (web, api)", exclude_pod_labels="tier=debug")
+    cfg = Filters.of(include_pod_labels="app in (web, api)", exclude_pod_labels="tier=debug")
     assert decide(META, cfg) == BOTH
     assert decide(meta_with({"app": "db"}), cfg) == NONE
     assert decide(meta_with({"app": "api", "tier": "debug"}), cfg) == NONE
@@ -205,12 +205,12 @@ def test_include_and_exclude_pod_labels() -> None:
 
 
 def test_empty_exclude_selector_excludes_nothing() -> None:
-    assert decide(META, FilterConfig(exclude_pod_labels="")) == BOTH
-    assert decide(meta_with({}), FilterConfig(exclude_pod_labels="  ")) == BOTH
+    assert decide(META, Filters.of(exclude_pod_labels="")) == BOTH
+    assert decide(meta_with({}), Filters.of(exclude_pod_labels="  ")) == BOTH
 
 
 def test_exclude_by_absent_label() -> None:
-    cfg = FilterConfig(exclude_pod_labels="!logging")
+    cfg = Filters.of(exclude_pod_labels="!logging")
     assert decide(meta_with({"logging": "on"}), cfg) == BOTH
     assert decide(meta_with({}), cfg) == NONE
 
@@ -220,22 +220,22 @@ def test_exclude_by_absent_label() -> None:
 
 @pytest.mark.parametrize("value", ["true", "True", "TRUE", " true "])
 def test_exclude_pod_annotation(value: str) -> None:
-    assert decide(meta_with(annotations={"podtap.io/exclude": value}), FilterConfig()) == NONE
+    assert decide(meta_with(annotations={"podtap.io/exclude": value}), Filters.of()) == NONE
 
 
 @pytest.mark.parametrize("value", ["false", "", "yes", "1"])
 def test_exclude_annotation_needs_true(value: str) -> None:
-    assert decide(meta_with(annotations={"podtap.io/exclude": value}), FilterConfig()) == BOTH
+    assert decide(meta_with(annotations={"podtap.io/exclude": value}), Filters.of()) == BOTH
 
 
 def test_exclude_container_annotation() -> None:
     meta = meta_with(annotations={"podtap.io/exclude-app": "true"})
-    assert decide(meta, FilterConfig()) == NONE
-    assert decide(replace(meta, container_name="sidecar"), FilterConfig()) == BOTH
+    assert decide(meta, Filters.of()) == NONE
+    assert decide(replace(meta, container_name="sidecar"), Filters.of()) == BOTH
 
 
 def test_annotations_of_other_tools_are_ignored() -> None:
-    assert decide(meta_with(annotations={"fluentbit.io/exclude": "true"}), FilterConfig()) == BOTH
+    assert decide(meta_with(annotations={"fluentbit.io/exclude": "true"}), Filters.of()) == BOTH
 
 
 @pytest.mark.parametrize(
@@ -248,14 +248,14 @@ def test_annotations_of_other_tools_are_ignored() -> None:
     ],
 )
 def test_stream_annotations(annotations: dict[str, str], expected: tuple[bool, bool]) -> None:
-    assert decide(meta_with(annotations=annotations), FilterConfig()) == expected
+    assert decide(meta_with(annotations=annotations), Filters.of()) == expected
 
 
 def test_stream_annotation_does_not_exclude_a_container_named_stdout() -> None:
     meta = replace(
         meta_with(annotations={"podtap.io/exclude-stdout": "true"}), container_name="stdout"
     )
-    assert decide(meta, FilterConfig()) == (False, True)
+    assert decide(meta, Filters.of()) == (False, True)
 
 
 # --- stream toggles ----------------------------------------------------------------------
@@ -265,14 +265,14 @@ def test_stream_annotation_does_not_exclude_a_container_named_stdout() -> None:
     ("stdout", "stderr"), [(True, True), (True, False), (False, True), (False, False)]
 )
 def test_stream_toggles(stdout: bool, stderr: bool) -> None:
-    assert decide(META, FilterConfig(stdout=stdout, stderr=stderr)) == (stdout, stderr)
+    assert decide(META, Filters.of(stdout=stdout, stderr=stderr)) == (stdout, stderr)
 
 
 def test_stream_toggle_and_annotation_combine() -> None:
-    cfg = FilterConfig(stderr=False)
+    cfg = Filters.of(stderr=False)
     assert decide(meta_with(annotations={"podtap.io/exclude-stdout": "true"}), cfg) == NONE
 
 
 def test_excluded_pod_ignores_stream_toggles() -> None:
-    cfg = FilterConfig(exclude_namespaces=["shop"], stdout=True, stderr=True)
+    cfg = Filters.of(exclude_namespaces=["shop"], stdout=True, stderr=True)
     assert decide(META, cfg) == NONE
