@@ -14,7 +14,6 @@ in the ring, flush every partial line, report counters.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
@@ -61,20 +60,6 @@ def find_pods_cgroup(mount: str, cfg: KubeConfig) -> str | None:
     return None
 
 
-def kubelet_config(cfg: KubeConfig) -> KubeletConfig:
-    base = KubeletConfig.in_cluster() if not cfg.kubelet_url else KubeletConfig(
-        url=cfg.kubelet_url, token_path=cfg.token_path, ca_path=cfg.ca_path
-    )
-    return dataclasses.replace(
-        base,
-        token_path=cfg.token_path,
-        ca_path=cfg.ca_path,
-        insecure_skip_verify=cfg.insecure_skip_verify,
-        timeout_s=cfg.timeout_s,
-        retries=cfg.retries,
-    )
-
-
 def node_name(cfg: KubeConfig) -> str:
     """kube.node_name, else $NODE_NAME (downward API); the host name only with a warning:
     in a pod it is the pod's name, and records would name the wrong node."""
@@ -110,7 +95,7 @@ class AgentPipeline:
             pods_dir = os.path.join(self.mount, pods_rel)
             pods_root = PodsRoot(os.stat(pods_dir).st_ino, len(Path(pods_rel).parts))
         self.probe = Probe(cfg.capture, pods_root)
-        self.client = KubeletClient(kubelet_config(kube))
+        self.client = KubeletClient(KubeletConfig.from_section(kube))
         self.sinks: list[Sink] = build_sinks(cfg, out if out is not None else sys.stdout.buffer)
         filters = Filters(cfg.filters)
         self.core_api: Any = None

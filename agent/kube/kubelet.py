@@ -20,13 +20,16 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from agent.kube.token import TokenFile, url_host
+
+if TYPE_CHECKING:
+    from agent.config import KubeConfig
 
 log = logging.getLogger("podtap.kube")
 
@@ -85,6 +88,20 @@ class KubeletConfig:
             raise ValueError("retries must be >= 0")
         if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("need 0 <= backoff_initial_s <= backoff_max_s")
+
+    @classmethod
+    def from_section(cls, kube: KubeConfig, env: Mapping[str, str] | None = None) -> KubeletConfig:
+        """From the `kube` configuration section: `kubelet_url`, or in-cluster
+        (`https://$NODE_IP:10250`), with its credentials, TLS and retry settings."""
+        url = kube.kubelet_url or cls.in_cluster(env).url
+        return cls(
+            url=url,
+            token_path=kube.token_path,
+            ca_path=kube.ca_path,
+            insecure_skip_verify=kube.insecure_skip_verify,
+            timeout_s=kube.timeout_s,
+            retries=kube.retries,
+        )
 
     @classmethod
     def in_cluster(

@@ -470,3 +470,18 @@ def test_fake_kubelet_serves_a_kubelet_shaped_pod_list_to_a_sync_client(
         urllib.request.urlopen(kubelet.url + "/pods", context=context, timeout=5)
     assert info.value.code == 401
     assert info.value.read() == b"Unauthorized"
+
+
+def test_client_settings_come_from_the_kube_section() -> None:
+    from agent.config import KubeConfig
+
+    kube = KubeConfig(token_path="/t", ca_path="/ca", timeout_s=2.5, retries=7,
+                      insecure_skip_verify=True)
+    cfg = KubeletConfig.from_section(kube, env={"NODE_IP": "10.1.2.3"})
+    assert (cfg.url, cfg.token_path, cfg.ca_path) == ("https://10.1.2.3:10250", "/t", "/ca")
+    assert (cfg.timeout_s, cfg.retries, cfg.insecure_skip_verify) == (2.5, 7, True)
+    explicit = KubeletConfig.from_section(
+        KubeConfig(kubelet_url="https://[fd00::1]:10250"), env={})
+    assert explicit.url == "https://[fd00::1]:10250"
+    with pytest.raises(KubeletError, match="NODE_IP"):
+        KubeletConfig.from_section(KubeConfig(), env={})
