@@ -185,11 +185,7 @@ class RecordsConfig:
         from agent.records import RecordFormat
 
         try:
-            RecordFormat(
-                schema=self.schema,  # type: ignore[arg-type]
-                time_key=self.time_key,
-                timestamp_key_es=self.timestamp_key_es,
-            )
+            RecordFormat.from_section(self)
         except ValueError as e:
             raise ConfigError(f"records.time_key: {e}") from e
 

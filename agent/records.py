@@ -41,12 +41,15 @@ import base64
 import json
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 
 from agent.capture.abi import STREAM_STDERR, STREAM_STDOUT
 from agent.kube.model import ContainerMeta
+
+if TYPE_CHECKING:
+    from agent.config import RecordsConfig
 
 __all__ = [
     "STDERR",
@@ -125,6 +128,21 @@ class RecordFormat:
             raise ValueError(f"time_key {self.time_key!r} is empty or clashes with another field")
         if self.timestamp_key_es and self.time_key == "@timestamp":
             raise ValueError('time_key is already "@timestamp"; leave timestamp_key_es off')
+
+    @classmethod
+    def from_section(cls, records: RecordsConfig) -> RecordFormat:
+        """From the `records` configuration section (validated there). A sink may adjust
+        the result: Elasticsearch writes `@timestamp` and de-dots label keys."""
+        return cls(
+            schema=records.schema,  # type: ignore[arg-type]
+            dedot_labels=bool(records.dedot_labels),
+            include_annotations=records.include_annotations,
+            include_namespace_labels=records.include_namespace_labels,
+            include_node_labels=records.include_node_labels,
+            time_key=records.time_key,
+            timestamp_key_es=records.timestamp_key_es,
+            invalid_utf8=records.invalid_utf8,  # type: ignore[arg-type]
+        )
 
 
 # --- time --------------------------------------------------------------------------------

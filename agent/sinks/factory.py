@@ -11,20 +11,6 @@ from agent.sinks.base import Codec, Sink
 from agent.sinks.stdout import StdoutSink
 
 
-def record_format(records: RecordsConfig) -> RecordFormat:
-    """The records' shape; a sink may adjust it (Elasticsearch: `@timestamp`, de-dotting)."""
-    return RecordFormat(
-        schema=records.schema,  # type: ignore[arg-type]  # validated by RecordsConfig
-        dedot_labels=bool(records.dedot_labels),
-        include_annotations=records.include_annotations,
-        include_namespace_labels=records.include_namespace_labels,
-        include_node_labels=records.include_node_labels,
-        time_key=records.time_key,
-        timestamp_key_es=records.timestamp_key_es,
-        invalid_utf8=records.invalid_utf8,  # type: ignore[arg-type]  # validated
-    )
-
-
 def make_codec(cfg: SinkConfig, fmt: RecordFormat) -> Codec:
     if cfg.kind == "elasticsearch":
         from agent.sinks.elasticsearch import ElasticsearchCodec
@@ -60,7 +46,7 @@ def make_sink(name: str, index: int, cfg: SinkConfig, fmt: RecordFormat, out: Bi
 
 
 def build_sinks(cfg: Config, out: BinaryIO) -> list[Sink]:
-    fmt = record_format(cfg.records)
+    fmt = RecordFormat.from_section(cfg.records)
     return [
         make_sink(name, index, with_records_defaults(sink, cfg.records), fmt, out)
         for index, (name, sink) in enumerate(cfg.sinks.items())
