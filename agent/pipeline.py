@@ -14,6 +14,7 @@ in the ring, flush every partial line, report counters.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -328,13 +329,7 @@ class AgentPipeline:
     def _namespace_stats(self) -> dict[str, object]:
         if self.namespaces is None:
             return {}
-        n = self.namespaces.stats
-        return {
-            "namespace_lists": n.lists,
-            "namespace_watch_events": n.watch_events,
-            "namespace_expired": n.expired,
-            "namespace_errors": n.errors,
-        }
+        return {f"namespace_{k}": v for k, v in dataclasses.asdict(self.namespaces.stats).items()}
 
 
 def sink_summary(stats: SinkStats) -> dict[str, object]:

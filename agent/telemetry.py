@@ -101,6 +101,8 @@ SINK_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("dropped_bytes", "sink_dropped_bytes",
      "Bytes dropped because the memory and disk buffers were full."),
     ("encode_errors", "sink_encode_errors", "Lines the sink could not encode (skipped)."),
+    ("corrupt_batches", "sink_corrupt_batches",
+     "Disk-buffer batches that failed their checksum (their records count as dropped)."),
 )
 
 

@@ -160,6 +160,7 @@ class SinkStats:
     dropped_records: int = 0  # buffers full (memory and disk): the newest are dropped
     dropped_bytes: int = 0
     encode_errors: int = 0  # lines a codec could not encode (counted, skipped)
+    corrupt_batches: int = 0  # disk-buffer batches that failed their checksum (records dropped)
     memory_bytes_now: int = 0
     disk_bytes_now: int = 0
     oldest_ns_now: int = 0  # created_ns of the oldest unacknowledged batch; 0 = none

@@ -332,7 +332,6 @@ class SinkBuffer:
         # Batches queued for their disk write (still in memory) at most; one always may be.
         self.write_behind_bytes = max(cfg.memory_bytes // 4, 4 << 20)
         self.entries: OrderedDict[int, Entry] = OrderedDict()
-        self.corrupt_batches = 0
         self.drops = RateLimitedLog("buffers full: dropped the newest", name)
         self.io_errors = RateLimitedLog("disk buffer write failed for", name)
         self._disk_entries = 0
@@ -494,7 +493,7 @@ class SinkBuffer:
         batch = await loop.run_in_executor(self.io, self.store.read, entry.seq)
         if batch is None:
             if self.store.corrupt > corrupt_before:
-                self.corrupt_batches += 1
+                self.stats.corrupt_batches += 1
                 log.error("sink %s: batch %d in the disk buffer is corrupt; skipped (%d records)",
                           self.name, entry.seq, entry.records, extra={"sink": self.name})
             self.stats.dropped_records += entry.records

@@ -396,7 +396,7 @@ def test_corrupt_row_is_counted_and_skipped(tmp_path: Path,
             await until(lambda: len(again.buffer) == 0, "the replay")
         got = per_container(transport.accepted)[b"c0"]
         assert got == list(range(50)) + list(range(100, 150))
-        assert again.buffer.corrupt_batches == 1
+        assert again.stats.corrupt_batches == 1
         assert again.stats.dropped_records == 50
         assert "corrupt" in caplog.text
         rows = sqlite3.connect(tmp_path / "buf" / "test" / "buffer.db").execute(
@@ -478,7 +478,7 @@ def test_sigkill_with_batches_on_disk_then_a_new_process_replays_them(
         assert replayed == list(range(on_disk[0], on_disk[0] + len(replayed)))
         async with running(sink):
             await until(lambda: len(sink.buffer) == 0, "the replay")
-        assert sink.buffer.corrupt_batches == 0 and sink.stats.dropped_records == 0
+        assert sink.stats.corrupt_batches == 0 and sink.stats.dropped_records == 0
         got = per_container(transport.accepted)
         # Each batch is one put of 50 lines, dealt to c0, c1, c2: 17, 17 and 16 lines.
         for name, per_batch in ((b"c0", 17), (b"c1", 17), (b"c2", 16)):
