@@ -72,6 +72,7 @@ struct copy_state {
 };
 
 BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
+BPF_ARRAY(watch_filter, u8, FILTER_SLOTS);
 /* Stream identities taken in the kernel at the first exec inside a cgroup (see
  * on_process_exec), for containers whose identities userspace does not know yet. */
 BPF_TABLE("lru_hash", u64, struct container, learned_idents, 4096);
@@ -182,7 +183,9 @@ static __always_inline int under_pods_root(void)
 static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct container **cp)
 {
     *cgid = bpf_get_current_cgroup_id();
-    struct container *c = containers.lookup(cgid);
+    u32 slot = (u32)*cgid & (FILTER_SLOTS - 1);
+    u8 *maybe = watch_filter.lookup(&slot);
+    struct container *c = maybe && *maybe ? containers.lookup(cgid) : 0;
     if (!c) {
 #ifdef PODS_ROOT_ID
         if (!under_pods_root())

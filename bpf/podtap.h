@@ -51,6 +51,11 @@
 #define CNT_THREAD_EXITS 18  /* thread-exit records put in the ring buffer */
 #define NCOUNTERS 19
 
+/* watch_filter: slot (cgroup id & (FILTER_SLOTS - 1)) -> 1 when a cgroup of that slot may
+ * be in the containers map.  An array lookup the kernel inlines, in front of the hash
+ * lookup that every other write on the node would pay for. */
+#define FILTER_SLOTS 65536
+
 #define EVENT_HDR_SIZE 48
 #define CGROUP_PATH_MAX 512
 #define COMM_LEN 16

@@ -29,6 +29,7 @@ from agent.capture.abi import (  # noqa: F401  # re-exported for the probe's use
     CONSTANTS,
     CONTAINER_VALUE,
     COUNTER_NAMES,
+    FILTER_SLOTS,
     bpf_dir,
 )
 from agent.capture.host import HOOKS, Hook
@@ -94,6 +95,7 @@ class Probe:
         self.hooks = [h for h in (*HOOKS, *extra_hooks) if self._wanted(h)]
         self._loaded: Loaded | None = None
         self._perf_fds: dict[str, int] = {}
+        self._filter_slots: dict[int, set[int]] = {}  # watch_filter slot -> cgroup ids
 
     def _wanted(self, hook: Hook) -> bool:
         if hook.only_if == "pods_root":
@@ -200,9 +202,27 @@ class Probe:
         """Put a container in the kernel map (with no capture flag it is excluded)."""
         value = container_value(stdout, stderr, capture_stdout, capture_stderr)
         bpfsys.map_update(self.map("containers").fd, _U64.pack(cgroup_id), value)
+        self._set_filter(cgroup_id, True)
 
     def unwatch(self, cgroup_id: int) -> None:
         bpfsys.map_delete(self.map("containers").fd, _U64.pack(cgroup_id))
+        self._set_filter(cgroup_id, False)
+
+    def _set_filter(self, cgroup_id: int, present: bool) -> None:
+        """Keep the kernel's watch_filter slot of `cgroup_id` set while any cgroup of that
+        slot is in the containers map (a set slot only costs a hash lookup)."""
+        slot = cgroup_id & (FILTER_SLOTS - 1)
+        members = self._filter_slots.setdefault(slot, set())
+        was_set = bool(members)
+        if present:
+            members.add(cgroup_id)
+        else:
+            members.discard(cgroup_id)
+        if bool(members) != was_set:
+            value = b"\x01" if members else b"\x00"
+            bpfsys.map_update(self.map("watch_filter").fd, _U32.pack(slot), value)
+        if not members:
+            del self._filter_slots[slot]
 
     def learned_idents(self, cgroup_id: int) -> tuple[FileIdent, FileIdent] | None:
         """The stream identities the kernel took at the container's first exec (the
