@@ -50,6 +50,11 @@ def cgroup_of_pid(pid: int, mount: str, proc_root: str = "/proc") -> str:
     raise ValueError(f"pid {pid} has no cgroup v2 membership")
 
 
+def refuse_root(directory: str, mount: str, why: str) -> None:
+    if os.path.realpath(directory) == os.path.realpath(mount):
+        raise ValueError(f"refusing to tap the root cgroup (every process of the machine): {why}")
+
+
 def resolve_targets(
     cgroups: list[str], pids: list[int], mount: str | None = None
 ) -> list[TapTarget]:
@@ -57,14 +62,14 @@ def resolve_targets(
     targets: dict[int, TapTarget] = {}
     for pid in pids:
         directory = cgroup_of_pid(pid, mount)
+        refuse_root(directory, mount, f"pid {pid} is in the root cgroup")
         cgid = os.stat(directory).st_ino
         targets.setdefault(cgid, TapTarget(directory, cgid, pid))
     for path in cgroups:
         directory = path if os.path.isabs(path) else os.path.join(mount, path)
         if not os.path.isfile(os.path.join(directory, "cgroup.procs")):
             raise ValueError(f"{path} is not a cgroup v2 directory (under {mount})")
-        if os.path.realpath(directory) == os.path.realpath(mount):
-            raise ValueError("refusing to tap the root cgroup (every process of the machine)")
+        refuse_root(directory, mount, f"{path} is the root cgroup")
         cgid = os.stat(directory).st_ino
         targets.setdefault(cgid, TapTarget(directory, cgid))
     return list(targets.values())

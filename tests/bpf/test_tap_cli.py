@@ -94,11 +94,14 @@ def test_bad_input_is_a_clear_error(args: list[str], code: int, message: str) ->
     assert b"Traceback" not in proc.stderr
 
 
-def test_refuses_the_root_cgroup() -> None:
+@pytest.mark.parametrize("by", ["cgroup", "pid"])
+def test_refuses_the_root_cgroup(by: str) -> None:
     from agent.kube.cgroups import find_cgroup2_mount
 
+    # kthreadd (pid 2) is always in the root cgroup
+    target = ["--cgroup", find_cgroup2_mount()] if by == "cgroup" else ["--pid", "2"]
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "tap", "--cgroup", find_cgroup2_mount()],
+        [sys.executable, "-m", "agent.cli", "tap", *target],
         capture_output=True, cwd=REPO, timeout=60,
     )
     assert proc.returncode == 1
