@@ -194,7 +194,11 @@ class LatencyEs(EsBulkServer):
         return response
 
 
-def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = 15) -> float:
+# Longer than the sinks' longest retry backoff (30 s): a batch being retried is not lost.
+QUIET_S = 45.0
+
+
+def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = QUIET_S) -> float:
     """Wait for every line, or until none arrived for `quiet_s`; seconds since `end`."""
     last, last_change = -1, time.monotonic()
     while book.unique() < expected:
@@ -207,11 +211,11 @@ def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = 15) -> 
     return time.monotonic() - end
 
 
-LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapturable")
+LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapturable", "retries")
 
 
 def loss_counters(agent: Any) -> dict[str, float]:
-    """The agent's counters of lost or uncaptured data, from its /metrics."""
+    """The agent's counters of lost or uncaptured data and of resent batches (/metrics)."""
     return {k: v for k, v in agent.metrics().items()
             if k.endswith("_total") and any(w in k for w in LOSS_WORDS)}
 

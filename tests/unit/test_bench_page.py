@@ -198,3 +198,14 @@ def test_losses_text_names_only_the_counters_that_grew() -> None:
     assert page.losses_text(None) == "n/a"
     assert page.losses_text({"podtap_ringbuf_dropped_records_total": 2125.0}) == \
         "ringbuf_dropped_records 2,125"
+
+
+def test_a_failed_component_script_is_named_and_the_others_still_shown(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    results["cases"]["micro"]["error"] = "bench/disk_buffer_bench.py exited 1: AttributeError"
+    out = tmp_path / "m.md"
+    page.write_page(results, out)
+    text = out.read_text()
+    assert "**Failed in this run:**" in text and "disk_buffer_bench.py exited 1" in text
+    assert "decode, 100-byte records: 1,000 rec/s" in text
+    assert page.broken(results) == ["containerd", "micro"]
