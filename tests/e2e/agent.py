@@ -44,6 +44,8 @@ def agent_config(node: SimNode, **sections: dict[str, Any]) -> dict[str, Any]:
 class AgentRun:
     """A `podtap run` process: its records (parsed NDJSON) and its log lines."""
 
+    running: list[AgentRun] = []  # killed by the e2e conftest if a test left one behind
+
     def __init__(self, node: SimNode, tmp: Path, **sections: dict[str, Any]) -> None:
         config = tmp / "podtap.yaml"
         config.write_text(yaml.safe_dump(agent_config(node, **sections)))
@@ -63,6 +65,7 @@ class AgentRun:
         ]
         for t in self._threads:
             t.start()
+        AgentRun.running.append(self)
         self.wait_log("capturing:", 60)
 
     def _read_stdout(self) -> None:

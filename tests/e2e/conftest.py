@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.agent import AgentRun
 from tests.kernel import require_kernel, unavailable
 from tests.simnode.node import SimNode, simnode_unavailable_reason
 
@@ -19,3 +20,13 @@ def node() -> Iterator[SimNode]:
         unavailable(f"the simulated node cannot run: {reason}")
     with SimNode() as sim:
         yield sim
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left_behind() -> Iterator[None]:
+    """A test that failed before stopping its agent must not leave it running."""
+    yield
+    while AgentRun.running:
+        agent = AgentRun.running.pop()
+        if agent.alive():
+            agent.kill()
