@@ -308,14 +308,20 @@ def num(value: Any, fmt: str = "{:,.0f}", unit: str = "") -> str:
     return fmt.format(value) + unit
 
 
+FLOW_COUNTERS = ("podtap_lines_total", "podtap_captured_records_total")
+
+
 def losses_text(counted: dict[str, float] | None) -> str:
-    """The agent's loss counters that grew, short ("none" when none did)."""
+    """The agent's loss counters that grew, short ("none" when none did); the lines it
+    captured are named apart, to tell a capture loss from a shipping loss."""
     if counted is None:
         return "n/a"
-    if not counted:
-        return "none"
-    return ", ".join(f"{k.removeprefix('podtap_').removesuffix('_total')} {v:,.0f}"
-                     for k, v in sorted(counted.items()))
+    losses = {k: v for k, v in counted.items() if k not in FLOW_COUNTERS}
+    text = ", ".join(f"{k.removeprefix('podtap_').removesuffix('_total')} {v:,.0f}"
+                     for k, v in sorted(losses.items())) or "none"
+    if "podtap_lines_total" in counted:
+        text += f" (lines captured: {counted['podtap_lines_total']:,.0f})"
+    return text
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

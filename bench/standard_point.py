@@ -211,17 +211,20 @@ def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = QUIET_S
     return time.monotonic() - end
 
 
-LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapturable", "retries")
+LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapt", "retries", "miss", "fail")
+FLOW = ("podtap_lines_total", "podtap_captured_records_total")  # what the agent got
 
 
 def loss_counters(agent: Any) -> dict[str, float]:
-    """The agent's counters of lost or uncaptured data and of resent batches (/metrics)."""
+    """The agent's counters of lost, missed or uncaptured data, of resent batches, and of
+    the lines it captured (/metrics)."""
     return {k: v for k, v in agent.metrics().items()
-            if k.endswith("_total") and any(w in k for w in LOSS_WORDS)}
+            if k.startswith("podtap_") and k.endswith("_total")
+            and (k in FLOW or any(w in k for w in LOSS_WORDS))}
 
 
 def counted_losses(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """The loss counters that grew between two snapshots, by how much."""
+    """The counters that grew between two snapshots, by how much."""
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
 
 

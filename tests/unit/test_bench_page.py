@@ -209,3 +209,8 @@ def test_a_failed_component_script_is_named_and_the_others_still_shown(tmp_path:
     assert "**Failed in this run:**" in text and "disk_buffer_bench.py exited 1" in text
     assert "decode, 100-byte records: 1,000 rec/s" in text
     assert page.broken(results) == ["containerd", "micro"]
+
+
+def test_losses_text_names_the_lines_captured_apart() -> None:
+    assert page.losses_text({"podtap_lines_total": 1_200_000.0}) == \
+        "none (lines captured: 1,200,000)"
