@@ -40,6 +40,7 @@ bench: install
 	$(VPY) bench/decode_bench.py
 	$(VPY) bench/tap_throughput.py
 	$(VPY) bench/write_cost.py
+	$(VPY) bench/probe_cost.py
 	$(VPY) bench/agent_cpu.py
 	$(VPY) bench/codec_bench.py
 	$(VPY) bench/disk_buffer_bench.py
