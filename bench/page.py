@@ -309,7 +309,14 @@ def num(value: Any, fmt: str = "{:,.0f}", unit: str = "") -> str:
     return fmt.format(value) + unit
 
 
-FLOW_COUNTERS = ("podtap_lines_total", "podtap_captured_records_total")
+def short_name(key: str) -> str:
+    """A metric's key without the podtap_ prefix and the _total suffix, labels kept."""
+    name, brace, labels = key.partition("{")
+    return name.removeprefix("podtap_").removesuffix("_total") + brace + labels
+
+
+FLOW_COUNTERS = ("podtap_lines_total", "podtap_captured_records_total",
+                 "podtap_sink_input_records_total", "podtap_sink_sent_records_total")
 
 
 def losses_text(counted: dict[str, float] | None) -> str:
@@ -317,12 +324,13 @@ def losses_text(counted: dict[str, float] | None) -> str:
     captured are named apart, to tell a capture loss from a shipping loss."""
     if counted is None:
         return "n/a"
-    losses = {k: v for k, v in counted.items() if k not in FLOW_COUNTERS}
-    text = ", ".join(f"{k.removeprefix('podtap_').removesuffix('_total')} {v:,.0f}"
-                     for k, v in sorted(losses.items())) or "none"
-    if "podtap_lines_total" in counted:
-        text += f" (lines captured: {counted['podtap_lines_total']:,.0f})"
-    return text
+    losses = {k: v for k, v in counted.items() if k.split("{")[0] not in FLOW_COUNTERS}
+    text = ", ".join(f"{short_name(k)} {v:,.0f}" for k, v in sorted(losses.items())) or "none"
+    flow = [f"{what} {v:,.0f}" for k, v in sorted(counted.items())
+            for name, what in (("podtap_lines_total", "lines captured"),
+                               ("podtap_sink_sent_records_total", "acknowledged"))
+            if k.split("{")[0] == name]
+    return text + (f" ({', '.join(flow)})" if flow else "")
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

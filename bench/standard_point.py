@@ -212,15 +212,21 @@ def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = QUIET_S
 
 
 LOSS_WORDS = ("drop", "dead", "trunc", "fault", "uncapt", "retries", "miss", "fail")
-FLOW = ("podtap_lines_total", "podtap_captured_records_total")  # what the agent got
+# What the agent got and what its sinks took in and had acknowledged.
+FLOW = ("podtap_lines_total", "podtap_captured_records_total", "podtap_sink_input_records_total",
+        "podtap_sink_sent_records_total")
 
 
 def loss_counters(agent: Any) -> dict[str, float]:
     """The agent's counters of lost, missed or uncaptured data, of resent batches, and of
-    the lines it captured (/metrics)."""
-    return {k: v for k, v in agent.metrics().items()
-            if k.startswith("podtap_") and k.endswith("_total")
-            and (k in FLOW or any(w in k for w in LOSS_WORDS))}
+    the lines it captured and shipped (/metrics; a sink's counters carry its label)."""
+    out = {}
+    for key, value in agent.metrics().items():
+        name = key.split("{", 1)[0]
+        if name.startswith("podtap_") and name.endswith("_total") and (
+                name in FLOW or any(w in name for w in LOSS_WORDS)):
+            out[key] = value
+    return out
 
 
 def counted_losses(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

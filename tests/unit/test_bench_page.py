@@ -213,4 +213,11 @@ def test_a_failed_component_script_is_named_and_the_others_still_shown(tmp_path:
 
 def test_losses_text_names_the_lines_captured_apart() -> None:
     assert page.losses_text({"podtap_lines_total": 1_200_000.0}) == \
-        "none (lines captured: 1,200,000)"
+        "none (lines captured 1,200,000)"
+
+
+def test_losses_text_reads_labelled_sink_counters() -> None:
+    counted = {'podtap_sink_retries_total{sink="es"}': 3.0,
+               'podtap_sink_sent_records_total{sink="es"}': 900.0, "podtap_lines_total": 1000.0}
+    assert page.losses_text(counted) == \
+        'sink_retries{sink="es"} 3 (lines captured 1,000, acknowledged 900)'
