@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install deps venv demo test lint typecheck unit kernel bench clean image manifests
+.PHONY: install deps venv demo test lint typecheck unit kernel bench bench-deps bench-smoke clean image manifests
 
 install: deps venv
 
@@ -35,15 +35,16 @@ unit: venv
 demo: install
 	$(VPY) -m tests.simnode.demo
 
-bench: install
-	$(VPY) bench/lines_bench.py
-	$(VPY) bench/decode_bench.py
-	$(VPY) bench/tap_throughput.py
-	$(VPY) bench/write_cost.py
-	$(VPY) bench/probe_cost.py
-	$(VPY) bench/agent_cpu.py
-	$(VPY) bench/codec_bench.py
-	$(VPY) bench/disk_buffer_bench.py
+bench-deps:
+	bash scripts/install-bench-deps.sh
+
+# The benchmark page (docs/benchmarks.md, docs/bench/): the full run, about 45 min, root; not in CI.
+bench: install bench-deps
+	$(VPY) bench/page.py
+
+# Every benchmark shortened (< 3 min) into a temp dir; fails if one breaks. Run in CI.
+bench-smoke: install bench-deps
+	$(VPY) bench/page.py --smoke
 
 image: install
 	bash scripts/image.sh

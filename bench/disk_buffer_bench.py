@@ -110,7 +110,7 @@ async def write_and_replay(directory: str, fsync: bool, batches: list[Batch]) ->
                 read += 1
         await replay.flushed()
         replay_s = time.perf_counter() - started
-    assert read == len(batches) and replay.corrupt_batches == 0
+    assert read == len(batches) and replay.stats.corrupt_batches == 0
     await replay.close()
     io.shutdown()
     return {"write_s": write_s, "replay_s": replay_s, "open_s": open_s, "mb": total / 1e6,
