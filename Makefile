@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check agent tests bench scripts
+	$(VENV)/bin/ruff check agent tests bench scripts simnode
 	$(VENV)/bin/mypy
 
 test: install
-	$(VENV)/bin/ruff check agent tests bench scripts
+	$(VENV)/bin/ruff check agent tests bench scripts simnode
 	$(VENV)/bin/mypy
 	$(VPY) -m pytest -q tests
 
@@ -33,7 +33,7 @@ unit: venv
 	$(VPY) -m pytest -q tests/unit
 
 demo: install
-	$(VPY) -m tests.simnode.demo
+	$(VPY) -m simnode.demo
 
 bench-deps:
 	bash scripts/install-bench-deps.sh

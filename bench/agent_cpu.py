@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.tap_throughput import build_writer, process_cpu_s  # noqa: E402
-from tests.e2e.agent import AgentRun  # noqa: E402
-from tests.simnode.node import SimContainerSpec, SimNode  # noqa: E402
+from simnode.agent import AgentRun  # noqa: E402
+from simnode.node import SimContainerSpec, SimNode  # noqa: E402
 
 SECONDS = 10
 RATE = 10_000

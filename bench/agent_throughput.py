@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.memory import Memory, measure  # noqa: E402
 from bench.tap_throughput import build_writer, process_cpu_s  # noqa: E402
 from bench.write_cost import Stream  # noqa: E402
-from tests.simnode.containers import CgroupSandbox  # noqa: E402
-from tests.simnode.kubelet import FakeKubelet  # noqa: E402
+from simnode.containers import CgroupSandbox  # noqa: E402
+from simnode.kubelet import FakeKubelet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024

@@ -116,7 +116,7 @@ def write_cost(mode: Mode) -> Results:
     watched, again), so a drift of the shared machine spreads over all of them; the median
     over the rounds is reported."""
     from bench.write_cost import Stream, start_tap, stop_tap
-    from tests.simnode.containers import CgroupSandbox
+    from simnode.containers import CgroupSandbox
 
     rounds = mode.pick(5, 1)
     calls = {100: mode.pick(300_000, 20_000), 65536: mode.pick(20_000, 1_000)}

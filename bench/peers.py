@@ -53,7 +53,7 @@ from bench.standard_point import (  # noqa: E402
     drain,
     loss_counters,
 )
-from tests.simnode.containers import CgroupSandbox, Container  # noqa: E402
+from simnode.containers import CgroupSandbox, Container  # noqa: E402
 
 SYSLOG_NG_ROOT = Path(os.environ.get("SYSLOG_NG_ROOT", "/opt/podtap-bench/syslog-ng"))
 WRITERS = 2
@@ -239,8 +239,8 @@ def peer_step(name: str, box: CgroupSandbox, exe: str, rate: int, seconds: float
 
 def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: LatencyEs,
                 tmp: Path) -> Step:
-    from tests.e2e.agent import AgentRun
-    from tests.simnode.node import SimContainerSpec, SimNode
+    from simnode.agent import AgentRun
+    from simnode.node import SimContainerSpec, SimNode
 
     per = rate // WRITERS
     lines = int(per * seconds)

@@ -27,7 +27,7 @@ from agent.capture.host import ensure_tracefs  # noqa: E402
 from agent.capture.probe import PodsRoot, Probe  # noqa: E402
 from agent.config import CaptureConfig  # noqa: E402
 from bench.write_cost import Stream, build_writer  # noqa: E402
-from tests.simnode.containers import CgroupSandbox  # noqa: E402
+from simnode.containers import CgroupSandbox  # noqa: E402
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 EMPTY_BPF = "int empty(void *ctx) { return 0; }"

@@ -37,8 +37,8 @@ def log_time(record: dict[str, Any]) -> float:
 
 
 def one_size(containers: int, idle_s: float) -> dict[str, Any]:
-    from tests.e2e.agent import AgentRun
-    from tests.simnode.node import SimContainerSpec, SimNode
+    from simnode.agent import AgentRun
+    from simnode.node import SimContainerSpec, SimNode
 
     with SimNode() as node, tempfile.TemporaryDirectory() as tmp:
         t0 = time.monotonic()

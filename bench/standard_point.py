@@ -33,8 +33,8 @@ from aiohttp import web  # noqa: E402
 
 from bench.memory import MIB, measure  # noqa: E402
 from bench.tap_throughput import process_cpu_s  # noqa: E402
-from tests.simnode.esbulk import EsBulkServer, Received  # noqa: E402
-from tests.simnode.loki import FakeLoki, _Stream  # noqa: E402
+from simnode.esbulk import EsBulkServer, Received  # noqa: E402
+from simnode.loki import FakeLoki, _Stream  # noqa: E402
 
 LINE = 100
 # A writer: `writer ID LINES RATE LEN CRI`.  Every line is
@@ -279,8 +279,8 @@ class Sampler(threading.Thread):
 
 def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[str, Any]:
     """One standard-point run; returns its figures (JSON-serialisable)."""
-    from tests.e2e.agent import AgentRun
-    from tests.simnode.node import SimContainerSpec, SimNode
+    from simnode.agent import AgentRun
+    from simnode.node import SimContainerSpec, SimNode
 
     lines = int(seconds * rate)
     book = LatencyBook()
@@ -331,8 +331,8 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
     """`podtap run` on containerd containers (`ctr run`, the shim relaying to `ctr`) writing
     stamped lines at rising total rates into a loopback `_bulk`; stops at the first rate
     with a lost line or a drain longer than 10 s."""
-    from tests.e2e.agent import AgentRun
-    from tests.simnode.node import SimContainerSpec, SimNode
+    from simnode.agent import AgentRun
+    from simnode.node import SimContainerSpec, SimNode
 
     book = LatencyBook()
     rows = []

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.write_cost import Stream  # noqa: E402
-from tests.simnode.containers import CgroupSandbox  # noqa: E402
+from simnode.containers import CgroupSandbox  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = 100

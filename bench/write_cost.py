@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.capture.headers import find_kernel_headers  # noqa: E402
 from agent.capture.host import ensure_tracefs  # noqa: E402
-from tests.simnode.containers import CgroupSandbox  # noqa: E402
+from simnode.containers import CgroupSandbox  # noqa: E402
 
 WRITES = 1_000_000
 RUNS = 5
@@ -59,7 +59,7 @@ def build_writer(tmp: str) -> str:
     return exe
 
 
-from tests.simnode.containers import JOIN_AND_EXEC as JOIN  # noqa: E402
+from simnode.containers import JOIN_AND_EXEC as JOIN  # noqa: E402
 
 
 class Stream:

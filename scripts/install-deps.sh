@@ -9,7 +9,7 @@ PACKAGES=(
   linux-headers-amd64  # kernel headers for bcc when the host has none for the running kernel
   containerd runc      # the real container runtime of the end-to-end tests and the demo
   busybox-static       # the rootfs of the test containers
-  openssl              # throwaway CA and kubelet certificates of the simulated node (tests/simnode/tls.py)
+  openssl              # throwaway CA and kubelet certificates of the simulated node (simnode/tls.py)
 )
 
 missing=()

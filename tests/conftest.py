@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from agent.kube.cgroups import CgroupError, find_cgroup2_mount
+from simnode.containers import CgroupSandbox
 from tests.kernel import unavailable
-from tests.simnode.containers import CgroupSandbox
 
 
 @pytest.fixture(scope="module")

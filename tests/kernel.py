@@ -24,7 +24,7 @@ from agent.capture.events import EV_DATA, Drainer, Record, RingReader, decode
 from agent.capture.probe import Probe
 from agent.config import Config
 from agent.lines import LineStage
-from tests.simnode.containers import Container
+from simnode.containers import Container
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.simnode.containers import Container
+from simnode.containers import Container
 
 
 @dataclass

@@ -10,8 +10,8 @@ import pytest
 from agent.capture.events import EV_DATA, F_TRUNCATED, RingReader, decode
 from agent.capture.probe import Probe
 from agent.config import CaptureConfig
+from simnode.containers import CgroupSandbox
 from tests.kernel import LiveProbe, start_tap, stop_tap, watch
-from tests.simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from agent.capture.events import EV_DATA, EV_EXIT, F_FD_FALLBACK
+from simnode.containers import CgroupSandbox
 from tests.bpf.scenarios import SCENARIOS, Expect
 from tests.kernel import (
     LiveProbe,
@@ -20,7 +21,6 @@ from tests.kernel import (
     stop_tap,
     watch,
 )
-from tests.simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

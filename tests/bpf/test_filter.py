@@ -7,8 +7,8 @@ import struct
 
 from agent.capture import bpfsys
 from agent.capture.abi import FILTER_SLOTS
+from simnode.containers import CgroupSandbox
 from tests.kernel import LiveProbe
-from tests.simnode.containers import CgroupSandbox
 
 _U32 = struct.Struct("<I")
 

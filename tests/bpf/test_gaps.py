@@ -24,8 +24,8 @@ from agent.capture.host import Hook, tracefs_dir
 from agent.capture.probe import CONSTANTS, Probe, tracepoint_offsets
 from agent.config import CaptureConfig
 from agent.lines import Line, LineAssembler
+from simnode.containers import CgroupSandbox, Container
 from tests.kernel import unavailable
-from tests.simnode.containers import CgroupSandbox, Container
 
 pytestmark = pytest.mark.kernel
 

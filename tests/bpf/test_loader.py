@@ -19,8 +19,8 @@ from agent.capture.events import EV_DATA, Drainer, Record, RingReader, decode
 from agent.capture.loader import map_names
 from agent.capture.probe import BPF_DIR_ENV, CONTAINER_VALUE, Probe, ProbeError, bpf_dir
 from agent.config import CaptureConfig
+from simnode.containers import CgroupSandbox
 from tests.kernel import REPO
-from tests.simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

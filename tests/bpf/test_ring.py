@@ -12,7 +12,7 @@ import pytest
 from agent.capture.events import EV_DATA, EVENT_HDR, RINGBUF_HDR_SIZE, Record, RingReader, decode
 from agent.capture.probe import Probe
 from agent.config import CaptureConfig
-from tests.simnode.containers import CgroupSandbox
+from simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

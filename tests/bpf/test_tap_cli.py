@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from simnode.containers import CgroupSandbox
 from tests.kernel import REPO, start_tap, stop_tap
-from tests.simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

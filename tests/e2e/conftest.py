@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.agent import AgentRun
+from simnode.agent import AgentRun
+from simnode.node import SimNode, simnode_unavailable_reason
 from tests.kernel import require_kernel, unavailable
-from tests.simnode.node import SimNode, simnode_unavailable_reason
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.agent import AgentRun, joined
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
+from simnode.agent import AgentRun, joined
+from simnode.node import SimContainer, SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
 
@@ -252,7 +252,7 @@ def test_namespace_and_node_labels_from_the_api_server(node: SimNode, tmp_path: 
     """records.include_namespace_labels: list+watch of namespaces on the API server (a
     loopback server implementing the list/watch API), applied to running containers;
     records.include_node_labels: the node's labels, read at start."""
-    from tests.simnode.apiserver import FakeApiServer
+    from simnode.apiserver import FakeApiServer
 
     zone = {"topology.kubernetes.io/zone": "eu-west-1a"}
     with FakeApiServer(

@@ -27,8 +27,8 @@ from agent.config import Config, KubeConfig
 from agent.kube.discovery import Discovery
 from agent.kube.filters import Filters
 from agent.kube.model import ContainerMeta, FileIdent
+from simnode.containers import Container, remove_tree
 from tests.kernel import LiveProbe, require_kernel
-from tests.simnode.containers import Container, remove_tree
 
 pytestmark = pytest.mark.kernel
 

@@ -26,9 +26,9 @@ import orjson
 import pytest
 import yaml
 
-from tests.e2e.agent import REPO, agent_config, joined
+from simnode.agent import REPO, agent_config, joined
+from simnode.node import SimContainer, SimContainerSpec, SimNode
 from tests.kernel import unavailable
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
 

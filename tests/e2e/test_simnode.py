@@ -17,9 +17,8 @@ import pytest
 from agent.kube.cgroups import resolve
 from agent.kube.kubelet import KubeletClient
 from agent.kube.pods import running_containers
-from tests.kernel import unavailable
-from tests.simnode import node as node_module
-from tests.simnode.node import (
+from simnode import node as node_module
+from simnode.node import (
     SimContainer,
     SimContainerSpec,
     SimNode,
@@ -28,6 +27,7 @@ from tests.simnode.node import (
     process_alive,
     simnode_unavailable_reason,
 )
+from tests.kernel import unavailable
 
 SEQ = b"".join(b"%d\n" % i for i in range(1, 101))
 WARNINGS = b"warn-1\nwarn-2\n"

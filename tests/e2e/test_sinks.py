@@ -1,7 +1,7 @@
 """`podtap run` shipping to log backends end to end: the simulated node (real containerd
 containers, the real BPF program, the loopback kubelet) and, as backends, the noida-db
 Elasticsearch emulator and loopback servers written from the Loki, Elasticsearch `_bulk`
-and OTLP/HTTP documentation (tests/simnode/{loki,otlp,esbulk}.py).
+and OTLP/HTTP documentation (simnode/{loki,otlp,esbulk}.py).
 
 The ground truth of each container is what the runtime relayed from its pipes. Faults:
 a sink down for 30 s (memory, then disk buffer), a 429 storm with Retry-After, per-item
@@ -26,13 +26,13 @@ import pytest
 import yaml
 
 from agent.sinks.buffer import DB_NAME
-from tests.e2e.agent import REPO, AgentRun, agent_config
+from simnode.agent import REPO, AgentRun, agent_config
+from simnode.esbulk import EsBulkServer
+from simnode.loki import FakeLoki
+from simnode.node import SimContainer, SimContainerSpec, SimNode
+from simnode.noida import NoidaElasticsearch, NoidaUnavailable
+from simnode.otlp import FakeOtlpReceiver
 from tests.kernel import unavailable
-from tests.simnode.esbulk import EsBulkServer
-from tests.simnode.loki import FakeLoki
-from tests.simnode.node import SimContainer, SimContainerSpec, SimNode
-from tests.simnode.noida import NoidaElasticsearch, NoidaUnavailable
-from tests.simnode.otlp import FakeOtlpReceiver
 
 pytestmark = pytest.mark.kernel
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.agent import AgentRun, joined
-from tests.simnode.node import SimContainerSpec, SimNode
+from simnode.agent import AgentRun, joined
+from simnode.node import SimContainerSpec, SimNode
 
 pytestmark = pytest.mark.kernel
 

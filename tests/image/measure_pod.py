@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from simnode.node import SimContainerSpec, SimNode
 from tests.deploy.chart import rendered
 from tests.image.podman import PODMAN, ULIMITS
 from tests.image.test_pod import (
@@ -28,7 +29,6 @@ from tests.image.test_pod import (
     http_status,
     podman_args_of_pod,
 )
-from tests.simnode.node import SimContainerSpec, SimNode
 
 LINE = "GET /api/item/$j 200 0.004 user-agent=curl/8.0 request_id=abcdef0123456789"
 

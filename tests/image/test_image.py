@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture import host
+from simnode.containers import CgroupSandbox
 from tests.image.podman import (
     HOST_HEADERS,
     NODE_AGENT,
@@ -23,7 +24,6 @@ from tests.image.podman import (
     start_podman_tap,
 )
 from tests.kernel import REPO, stop_tap
-from tests.simnode.containers import CgroupSandbox
 
 pytestmark = pytest.mark.kernel
 

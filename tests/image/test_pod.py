@@ -20,10 +20,10 @@ from typing import Any
 import orjson
 import pytest
 
+from simnode.node import SimContainerSpec, SimNode, simnode_unavailable_reason
 from tests.deploy.chart import Rendered, rendered
 from tests.image.podman import PODMAN, ULIMITS, image_under_test
 from tests.kernel import unavailable
-from tests.simnode.node import SimContainerSpec, SimNode, simnode_unavailable_reason
 
 pytestmark = pytest.mark.kernel
 

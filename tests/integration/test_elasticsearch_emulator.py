@@ -21,8 +21,8 @@ from agent.records import RecordFormat
 from agent.sinks.base import Batch, Outcome
 from agent.sinks.elasticsearch import ElasticsearchCodec
 from agent.sinks.http import HttpTransport
+from simnode.noida import NoidaElasticsearch, NoidaUnavailable
 from tests.kernel import unavailable
-from tests.simnode.noida import NoidaElasticsearch, NoidaUnavailable
 
 try:
     from elasticsearch import Elasticsearch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.simnode.tls import TLSFiles, generate_tls
+from simnode.tls import TLSFiles, generate_tls
 
 
 @pytest.fixture(scope="module")

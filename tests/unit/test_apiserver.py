@@ -24,8 +24,8 @@ from agent.kube.apiserver import (
     make_core_api,
     node_labels,
 )
-from tests.simnode.apiserver import NAME_LABEL, SYSTEM_NAMESPACES, FakeApiServer
-from tests.simnode.tls import TLSFiles, generate_tls
+from simnode.apiserver import NAME_LABEL, SYSTEM_NAMESPACES, FakeApiServer
+from simnode.tls import TLSFiles, generate_tls
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.apis3rv3r-podtap-token-0123456789"
 WRONG = "eyJhbGciOiJSUzI1NiJ9.wr0ng-podtap-token-9876543210"

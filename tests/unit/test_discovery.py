@@ -32,9 +32,9 @@ from agent.kube.discovery import Discovery, Known, RepollSchedule
 from agent.kube.filters import Filters
 from agent.kube.kubelet import KubeletClient, KubeletConfig
 from agent.kube.model import FileIdent
-from tests.simnode.containers import remove_tree
-from tests.simnode.kubelet import FakeKubelet
-from tests.simnode.tls import TLSFiles
+from simnode.containers import remove_tree
+from simnode.kubelet import FakeKubelet
+from simnode.tls import TLSFiles
 
 TOKEN = "disc-token-0123456789"
 HOST = "simnode-1"

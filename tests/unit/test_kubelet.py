@@ -25,8 +25,8 @@ from agent.kube.kubelet import (
     KubeletConfig,
     KubeletError,
 )
-from tests.simnode.kubelet import FakeKubelet
-from tests.simnode.tls import TLSFiles, generate_tls
+from simnode.kubelet import FakeKubelet
+from simnode.tls import TLSFiles, generate_tls
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.s3cr3t-podtap-token-0123456789"
 ROTATED = "eyJhbGciOiJSUzI1NiJ9.r0tat3d-podtap-token-9876543210"

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.simnode.loki import SINGLE_TENANT, FakeLoki
+from simnode.loki import SINGLE_TENANT, FakeLoki
 
 NS = 1_000_000_000
 JSON_HEADERS = {"Content-Type": "application/json"}

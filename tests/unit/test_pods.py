@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.kube.model import ContainerMeta
 from agent.kube.pods import pod_labels, running_containers
-from tests.simnode.kubelet import build_pod
+from simnode.kubelet import build_pod
 
 HOST = "simnode-1"
 CONTAINERD_WEB = "a" * 64

@@ -19,7 +19,7 @@ from agent.records import RecordFormat
 from agent.sinks.base import Batch, Outcome, Response
 from agent.sinks.elasticsearch import FILTER_PATH, ElasticsearchCodec
 from agent.sinks.http import HttpTransport
-from tests.simnode.esbulk import Answer, EsBulkServer
+from simnode.esbulk import Answer, EsBulkServer
 
 T0 = calendar.timegm((2026, 12, 1, 23, 59, 59)) * 10**9 + 123456789  # one second to midnight
 DAY2 = T0 + 2 * 10**9  # 2026-12-02T00:00:01.123456789Z

@@ -18,8 +18,8 @@ import pytest
 from agent.config import AuthConfig, SinkConfig, TlsConfig
 from agent.sinks.base import Response, TransportError
 from agent.sinks.http import GZIP_THREAD_MIN_BYTES, HttpTransport
-from tests.simnode.esbulk import Answer, RecordingServer
-from tests.simnode.tls import TLSFiles, generate_tls
+from simnode.esbulk import Answer, RecordingServer
+from simnode.tls import TLSFiles, generate_tls
 
 BODY = b"".join(b'{"message":"line %d of a log","stream":"stdout"}\n' % i for i in range(500))
 

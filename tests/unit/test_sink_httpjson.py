@@ -15,7 +15,7 @@ from agent.records import ContainerEncoder, RecordFormat
 from agent.sinks.base import Batch, Outcome, Response
 from agent.sinks.http import HttpTransport
 from agent.sinks.httpjson import HttpJsonCodec
-from tests.simnode.esbulk import Answer, RecordingServer
+from simnode.esbulk import Answer, RecordingServer
 
 T = 1_764_633_600_123_456_789
 

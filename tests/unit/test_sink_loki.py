@@ -1,4 +1,4 @@
-"""Tests of agent.sinks.loki against the loopback Loki (tests/simnode/loki.py), through the
+"""Tests of agent.sinks.loki against the loopback Loki (simnode/loki.py), through the
 real HTTP transport (aiohttp, gzip): what Loki stores, and how its answers are read."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from agent.sinks.base import Batch, Enriched, Origin, Outcome, Response
 from agent.sinks.http import HttpTransport
 from agent.sinks.loki import LokiCodec, LokiEncoder, sanitize_label_name
 from agent.sinks.runner import BatchingSink
-from tests.simnode.loki import FakeLoki
+from simnode.loki import FakeLoki
 
 NS = 1_000_000_000
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

@@ -1,4 +1,4 @@
-"""Tests of agent.sinks.otlp against the loopback OTLP receiver (tests/simnode/otlp.py),
+"""Tests of agent.sinks.otlp against the loopback OTLP receiver (simnode/otlp.py),
 through the real HTTP transport: the payload as the official protobuf types read it, and
 how the receiver's answers are read."""
 
@@ -25,7 +25,7 @@ from agent.sinks.base import Batch, Enriched, Origin, Outcome, Response
 from agent.sinks.http import HttpTransport
 from agent.sinks.otlp import RETRYABLE_STATUSES, OtlpCodec, OtlpEncoder
 from agent.sinks.runner import BatchingSink
-from tests.simnode.otlp import FakeOtlpReceiver, OtlpRecord
+from simnode.otlp import FakeOtlpReceiver, OtlpRecord
 
 META = ContainerMeta(
     namespace="shop",

@@ -7,7 +7,7 @@ data directory is deleted. Everything is bound to 127.0.0.1 on a free port.
 It emulates Elasticsearch 8.15: `_bulk`, `_count`, `_refresh`, `_search`, `_cat/indices`
 and the official Python client work. It has no data streams (a `create` into
 `logs-*-*` makes an index of that name) and answers a malformed bulk request with 200 and a
-per-item error where Elasticsearch answers 400 (see tests/simnode/esbulk.py for those).
+per-item error where Elasticsearch answers 400 (see simnode/esbulk.py for those).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
-from tests.simnode.loki import BadRequest, LoopbackBackend, decode_body
+from simnode.loki import BadRequest, LoopbackBackend, decode_body
 
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"

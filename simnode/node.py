@@ -50,10 +50,10 @@ from typing import Any, Final
 
 from agent.kube.cgroups import find_cgroup2_mount
 from agent.kube.kubelet import KubeletConfig
-from tests.simnode.containers import LogReader, remove_tree
-from tests.simnode.kubelet import FakeKubelet, build_pod
-from tests.simnode.rootfs import BusyboxMissingError, ensure_rootfs, find_static_busybox
-from tests.simnode.tls import generate_tls
+from simnode.containers import LogReader, remove_tree
+from simnode.kubelet import FakeKubelet, build_pod
+from simnode.rootfs import BusyboxMissingError, ensure_rootfs, find_static_busybox
+from simnode.tls import generate_tls
 
 DEFAULT_NODE_NAME: Final = "sim-node-1"
 DEFAULT_IMAGE: Final = "busybox:sim"

@@ -17,7 +17,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.simnode.node import SimContainer, SimNode
+from simnode.node import SimContainer, SimNode
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Self
 
 from aiohttp import web
 
-from tests.simnode.tls import TLSFiles, generate_tls
+from simnode.tls import TLSFiles, generate_tls
 
 
 class LoopbackHttpsServer(ABC):

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
-from tests.simnode.loopback import LoopbackHttpsServer
-from tests.simnode.tls import TLSFiles
+from simnode.loopback import LoopbackHttpsServer
+from simnode.tls import TLSFiles
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from tests.simnode.loopback import LoopbackHttpsServer, bearer_matches
-from tests.simnode.tls import TLSFiles
+from simnode.loopback import LoopbackHttpsServer, bearer_matches
+from simnode.tls import TLSFiles
 
 DEFAULT_TOKEN: Final = "simnode-apiserver-token"
 DEFAULT_NODE_NAME: Final = "simnode-1"

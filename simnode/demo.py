@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.e2e.agent import AgentRun, joined
-from tests.simnode.node import SimContainerSpec, SimNode, SimPod, simnode_unavailable_reason
+from simnode.agent import AgentRun, joined
+from simnode.node import SimContainerSpec, SimNode, SimPod, simnode_unavailable_reason
 
 
 def say(text: str = "") -> None:

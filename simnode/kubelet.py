@@ -29,8 +29,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from tests.simnode.loopback import LoopbackHttpsServer, bearer_matches
-from tests.simnode.tls import TLSFiles
+from simnode.loopback import LoopbackHttpsServer, bearer_matches
+from simnode.tls import TLSFiles
 
 MODES: Final = frozenset(
     {"ok", "401", "403", "429", "500", "malformed", "not_podlist", "slow", "down"}

@@ -31,7 +31,7 @@ Test knobs (thread-safe, from any thread): `fail_next(n, status, retry_after)`,
 `delay_s` (every answer that much later), `down()` / `up()` (close the listener, listen
 again on the same port), `requests` (what was asked and answered).
 
-`LoopbackBackend` is the part shared with the loopback OTLP receiver (tests/simnode/otlp.py).
+`LoopbackBackend` is the part shared with the loopback OTLP receiver (simnode/otlp.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.simnode.loopback import LoopbackHttpsServer, bearer_matches
+from simnode.loopback import LoopbackHttpsServer, bearer_matches
 
 
 @dataclass(frozen=True)
