@@ -1,16 +1,22 @@
-"""Fixtures shared by the unit, kernel and end-to-end tests."""
+"""Fixtures shared by the unit, kernel and end-to-end tests.
+
+The HTTPS client tests: a module sets `TOKEN` (the bearer token its fake server accepts)
+and may set `TLS_NAME` (the server certificate's subject name).
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.kube.cgroups import CgroupError, find_cgroup2_mount
 from simnode.containers import CgroupSandbox
+from simnode.tls import TLSFiles, generate_tls
 from tests.kernel import unavailable
 
 
@@ -55,3 +61,18 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             for pipe in (child.stdin, child.stdout, child.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1, once per test module."""
+    name = getattr(request.module, "TLS_NAME", "podtap-test")
+    return generate_tls(tmp_path_factory.mktemp("tls"), name=name)
+
+
+@pytest.fixture
+def token_file(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """The module's TOKEN in a file, as the service-account volume holds it."""
+    path = tmp_path / "token"
+    path.write_text(request.module.TOKEN + "\n")
+    return path
