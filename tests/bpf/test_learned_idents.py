@@ -23,12 +23,12 @@ import pytest
 from agent.capture import bpfsys
 from agent.capture.events import EV_DATA
 from agent.capture.probe import CONSTANTS
-from agent.config import Config, KubeConfig
+from agent.config import KubeConfig
 from agent.kube.discovery import Discovery
 from agent.kube.filters import Filters
 from agent.kube.model import ContainerMeta, FileIdent
 from simnode.containers import Container, remove_tree
-from tests.kernel import LiveProbe, require_kernel
+from tests.kernel import LiveProbe
 
 pytestmark = pytest.mark.kernel
 
@@ -54,16 +54,6 @@ def learned_reader(live: LiveProbe) -> Callable[[int], Idents | None]:
 
 class NoKubelet:
     """Discovery.sync() is driven directly here: no kubelet round trip."""
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveProbe]:
-    require_kernel()
-    probe = LiveProbe(Config())
-    try:
-        yield probe
-    finally:
-        probe.close()
 
 
 @pytest.fixture
