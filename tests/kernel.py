@@ -62,6 +62,7 @@ class LiveProbe:
         self.probe = Probe(cfg.capture)
         self.probe.load()
         self._blobs: list[bytes] = []
+        self._delivered = 0  # bytes of ring records handed over by the drain thread
         self._lock = threading.Lock()
         self.reader = RingReader(self.probe.ring_fd, self.probe.ring_size)
         self.drainer = Drainer(self.reader, self._deliver, max_pending=1 << 40)
@@ -72,13 +73,18 @@ class LiveProbe:
     def _deliver(self, blob: bytes) -> None:
         with self._lock:
             self._blobs.append(blob)
+            self._delivered += len(blob)
 
     def sync(self) -> None:
-        """Wait until every record committed so far has been drained and sorted."""
-        deadline = time.monotonic() + 10
-        while self.reader.available() and time.monotonic() < deadline:
+        """Wait until every record reserved so far has been drained, delivered and sorted
+        (the drain thread hands a span over after it has released it in the ring)."""
+        target = self.reader.producer_pos()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._delivered >= target:
+                    break
             time.sleep(0.005)
-        time.sleep(0.02)
         with self._lock:
             blobs, self._blobs = self._blobs, []
         for blob in blobs:

@@ -87,6 +87,10 @@ class RingReader:
     def available(self) -> int:
         return int(self._prod[0] - self._cons[0])
 
+    def producer_pos(self) -> int:
+        """Bytes the kernel has reserved since the ring was created (records and padding)."""
+        return int(self._prod[0])
+
     def drain(self, max_bytes: int) -> bytes:
         """Copy out the committed records (at most ~max_bytes) and release their space.
 

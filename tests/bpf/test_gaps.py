@@ -64,18 +64,23 @@ class Run:
     records: list[Record] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: RingReader | None = None
+    delivered: int = 0  # ring bytes handed over by the drain thread
 
     def deliver(self, blob: bytes) -> None:
         with self._lock:
             self.records += decode(blob)
+            self.delivered += len(blob)
 
     def sync(self) -> list[Record]:
         """Every record committed so far (the ring drained), of this container."""
         assert self._reader is not None
-        deadline = time.monotonic() + 30
-        while self._reader.available() and time.monotonic() < deadline:
+        target = self._reader.producer_pos()  # everything reserved so far, handed over
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.delivered >= target:
+                    break
             time.sleep(0.005)
-        time.sleep(0.05)
         with self._lock:
             return [r for r in self.records if r[1] == self.container.cgroup_id]
 
@@ -313,14 +318,22 @@ import ctypes, os, threading, time
 libc = ctypes.CDLL(None)
 def short():
     os.write(1, b"thread partial")
+def state(tid):
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
 def worker():
     os.write(1, b"abc")
     started.set()
-    time.sleep(0.5)  # the main thread is gone by then
+    while state(os.getpid()) != "Z":  # until the main thread has exited
+        time.sleep(0.005)
     os.write(1, b"def\\n")
     os.write(2, b"worker's last words")
 t = threading.Thread(target=short); t.start(); t.join()
-time.sleep(0.3)
+while state(t.native_id) != "gone":  # its exit (and exit record) is over
+    time.sleep(0.005)
 started = threading.Event()
 threading.Thread(target=worker).start()
 started.wait()
