@@ -11,39 +11,23 @@ column (level 3, the sinks' default) is for scale: the transport compresses, not
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import zlib
 from dataclasses import replace
+from pathlib import Path
 
-from agent.config import LokiConfig, SinkConfig
-from agent.kube.model import ContainerMeta
-from agent.records import RecordFormat
-from agent.sinks.base import Batch, ItemEncoder
-from agent.sinks.loki import LokiCodec
-from agent.sinks.otlp import OtlpCodec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-META = ContainerMeta(
-    namespace="shop",
-    pod_name="web-7d9f8c6b5-x2kqz",
-    pod_uid="0f1e2d3c-aaaa-bbbb-cccc-123456789abc",
-    container_name="app",
-    container_id="4b8e2f1c" * 8,
-    runtime="containerd",
-    image="registry.example.com/team/web:1.4.2",
-    host="node-3.example.internal",
-    qos_class="burstable",
-    labels={
-        "app.kubernetes.io/name": "web",
-        "app.kubernetes.io/part-of": "shop",
-        "pod-template-hash": "7d9f8c6b5",
-        "tier": "front",
-    },
-    owner_kind="ReplicaSet",
-    owner_name="web-7d9f8c6b5",
-)
+from agent.config import LokiConfig, SinkConfig  # noqa: E402
+from agent.records import RecordFormat  # noqa: E402
+from agent.sinks.base import Batch, ItemEncoder  # noqa: E402
+from agent.sinks.loki import LokiCodec  # noqa: E402
+from agent.sinks.otlp import OtlpCodec  # noqa: E402
+from bench.records_bench import MESSAGE, META  # noqa: E402  # the same line and container
+
 CONTAINERS = [replace(META, container_name=f"c{i}", container_id=f"{i:x}" * 64)
               for i in range(4)]
-MESSAGE = (b'GET /api/v1/items?page=3 200 12ms user=42 agent="curl/8.5" \xe2\x9c\x93 ' * 2)[:100]
 START_NS = 1_795_315_894_000_000_000
 STEP_NS = 10_000
 BATCH_BYTES = 1 << 20

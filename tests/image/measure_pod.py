@@ -11,7 +11,6 @@ buffer, charged to the cgroup that creates them), and the CPU time per second of
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,8 @@ from pathlib import Path
 
 from simnode.node import SimContainerSpec, SimNode
 from tests.deploy.chart import rendered
-from tests.image.podman import PODMAN, ULIMITS
-from tests.image.test_pod import (
-    SERVICE_ACCOUNT,
-    PodRun,
-    downward_env,
-    free_port,
-    http_status,
-    podman_args_of_pod,
-)
+from tests.image.podman import PODMAN
+from tests.image.test_pod import PodRun, agent_pod_command, free_port, http_status
 
 LINE = "GET /api/item/$j 200 0.004 user-agent=curl/8.0 request_id=abcdef0123456789"
 
@@ -78,23 +70,10 @@ def main() -> int:
     r = rendered("default")
     with SimNode() as node, tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        sa = tmp / "serviceaccount"
-        sa.mkdir()
-        shutil.copy(node.token_path, sa / "token")
-        shutil.copy(node.ca_path, sa / "ca.crt")
         port = free_port()
-        env = downward_env(r, node) | {
-            "PODTAP_KUBE_KUBELET_URL": node.kubelet_url,
-            "PODTAP_KUBE_CGROUP_ROOTS": ",".join(node.roots),
-            "PODTAP_TELEMETRY_ADDRESS": "127.0.0.1",
-            "PODTAP_TELEMETRY_PORT": str(port),
-        }
         name = f"podtap-measure-{os.getpid()}"
-        agent = PodRun([
-            *PODMAN, "run", "--rm", "--name", name, *ULIMITS, *podman_args_of_pod(r, tmp),
-            "-v", f"{sa}:{SERVICE_ACCOUNT}:ro",
-            *(a for k, v in env.items() for a in ("-e", f"{k}={v}")), image, *r.agent["args"],
-        ])
+        agent = PodRun(agent_pod_command(r, node, image, tmp, port,
+                                         podman_opts=("--name", name)))
         try:
             agent.wait_for(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 240,
                            "/readyz")

@@ -158,28 +158,35 @@ def http_status(url: str) -> int:
         return 0
 
 
+def agent_pod_command(r: Rendered, node: SimNode, image: str, tmp: Path, port: int,
+                      extra_env: dict[str, str] | None = None,
+                      podman_opts: tuple[str, ...] = ()) -> list[str]:
+    """`podman run` of the chart's agent container on the simulated node: its service
+    account, downward-API variables, and what a user would set through the chart's `env`
+    for a node like this one; telemetry on 127.0.0.1:`port`."""
+    sa = tmp / "serviceaccount"
+    sa.mkdir()
+    shutil.copy(node.token_path, sa / "token")
+    shutil.copy(node.ca_path, sa / "ca.crt")
+    env = downward_env(r, node) | {
+        "PODTAP_KUBE_KUBELET_URL": node.kubelet_url,
+        "PODTAP_KUBE_CGROUP_ROOTS": ",".join(node.roots),
+        "PODTAP_TELEMETRY_ADDRESS": "127.0.0.1",
+        "PODTAP_TELEMETRY_PORT": str(port),
+    } | (extra_env or {})
+    return [*PODMAN, "run", "--rm", *podman_opts, *ULIMITS, *podman_args_of_pod(r, tmp),
+            "-v", f"{sa}:{SERVICE_ACCOUNT}:ro",
+            *(a for k, v in env.items() for a in ("-e", f"{k}={v}")),
+            image, *r.agent["args"]]
+
+
 @pytest.mark.parametrize("values_file", ["default", "capabilities"])
 def test_the_charts_pod_runs_and_ships_every_line(image: str, node: SimNode, tmp_path: Path,
                                                   values_file: str) -> None:
     r = rendered(values_file)
-    sa = tmp_path / "serviceaccount"
-    sa.mkdir()
-    shutil.copy(node.token_path, sa / "token")
-    shutil.copy(node.ca_path, sa / "ca.crt")
     port = free_port()
-    env = downward_env(r, node) | {
-        # What a user would set through the chart's `env` for a node like the simulated one.
-        "PODTAP_KUBE_KUBELET_URL": node.kubelet_url,
-        "PODTAP_KUBE_CGROUP_ROOTS": ",".join(node.roots),
-        "PODTAP_KUBE_POLL_INTERVAL_S": "2",
-        "PODTAP_TELEMETRY_ADDRESS": "127.0.0.1",
-        "PODTAP_TELEMETRY_PORT": str(port),
-    }
-    cmd = [*PODMAN, "run", "--rm", *ULIMITS, *podman_args_of_pod(r, tmp_path),
-           "-v", f"{sa}:{SERVICE_ACCOUNT}:ro",
-           *(a for k, v in env.items() for a in ("-e", f"{k}={v}")),
-           image, *r.agent["args"]]
-    agent = PodRun(cmd)
+    agent = PodRun(agent_pod_command(r, node, image, tmp_path, port,
+                                     {"PODTAP_KUBE_POLL_INTERVAL_S": "2"}))
     try:
         base = f"http://127.0.0.1:{port}"
         agent.wait_for(lambda: http_status(base + "/healthz") == 200, 240, "/healthz")
