@@ -73,6 +73,7 @@ struct copy_state {
 
 BPF_HASH(containers, u64, struct container, MAX_CONTAINERS);
 BPF_ARRAY(watch_filter, u8, FILTER_SLOTS);
+BPF_ARRAY(outside_pods, u64, OUTSIDE_SLOTS); /* used by `podtap run` only */
 /* Stream identities taken in the kernel at the first exec inside a cgroup (see
  * on_process_exec), for containers whose identities userspace does not know yet. */
 BPF_TABLE("lru_hash", u64, struct container, learned_idents, 4096);
@@ -175,6 +176,23 @@ static __always_inline int under_pods_root(void)
 #endif
 }
 
+#ifdef PODS_ROOT_ID
+/* Whether cgroup `cgid` (the current task's) is outside the pods' subtree, from the
+ * outside_pods cache when it knows, else from the ancestor helper (and then remembered). */
+static __always_inline int outside_pods_root(u64 cgid)
+{
+    u32 slot = (u32)cgid & (OUTSIDE_SLOTS - 1);
+    u64 *known = outside_pods.lookup(&slot);
+    if (known && *known == cgid)
+        return 1;
+    if (bpf_get_current_ancestor_cgroup_id(PODS_ROOT_LEVEL) == PODS_ROOT_ID)
+        return 0;
+    if (known)
+        *known = cgid;
+    return 1;
+}
+#endif
+
 /* The current task's container, if it is watched: 1 for a container in the map,
  * 2 for one under the pods' subtree not in the map yet (its first lines are
  * kept), 0 otherwise.  *cp / *cflags get its entry (NULL when its stream
@@ -188,7 +206,7 @@ static __always_inline int writer_watched(u64 *cgid, u32 *cflags, struct contain
     struct container *c = maybe && *maybe ? containers.lookup(cgid) : 0;
     if (!c) {
 #ifdef PODS_ROOT_ID
-        if (!under_pods_root())
+        if (outside_pods_root(*cgid) || (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
             return 0;
         c = learned_idents.lookup(cgid);
         *cp = c;

@@ -56,6 +56,12 @@
  * lookup that every other write on the node would pay for. */
 #define FILTER_SLOTS 65536
 
+/* outside_pods: slot (cgroup id & (OUTSIDE_SLOTS - 1)) -> a cgroup id known not to be under
+ * the pods' subtree (`podtap run` only).  A cgroup never moves and its id is never reused, so
+ * the answer holds forever: the host's writers pay an inlined array lookup instead of the
+ * ancestor helper.  A collision only costs the helper again. */
+#define OUTSIDE_SLOTS 4096
+
 #define EVENT_HDR_SIZE 48
 #define CGROUP_PATH_MAX 512
 #define COMM_LEN 16

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from agent.capture.events import EV_DATA, Drainer, Record, RingReader, decode
-from agent.capture.probe import Probe
+from agent.capture.probe import PodsRoot, Probe
 from agent.config import Config
 from agent.lines import LineStage
 from simnode.containers import Container
@@ -57,9 +57,9 @@ def require_kernel() -> None:
 class LiveProbe:
     """The real program, loaded and attached once; records collected per cgroup id."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, pods_root: PodsRoot | None = None) -> None:
         self.cfg = cfg
-        self.probe = Probe(cfg.capture)
+        self.probe = Probe(cfg.capture, pods_root)
         self.probe.load()
         self._blobs: list[bytes] = []
         self._delivered = 0  # bytes of ring records handed over by the drain thread

@@ -165,7 +165,8 @@ def serve(sock: socket.socket) -> int:
     try:
         reply, fds = load(request)
     except Exception as e:  # every failure goes back as a message, not a hang
-        sock.send(json.dumps({"error": f"loading {request.source} failed: {e}"}).encode())
+        error = f"loading {request.source} failed: {type(e).__name__}: {e}"
+        sock.send(json.dumps({"error": error}).encode())
         return 1
     socket.send_fds(sock, [json.dumps(reply).encode()], fds)
     return 0
