@@ -1,4 +1,5 @@
-"""`podtap run` end to end into a loopback Loki and Elasticsearch `_bulk` (run as root).
+"""`podtap run` end to end into its stdout sink and a loopback Loki and Elasticsearch `_bulk`
+(run as root).
 
 For each sink kind and gzip on/off, one agent runs against a loopback kubelet; writer
 processes (the paced C writer of tap_throughput.py, 100-byte lines, one line per write())
@@ -12,18 +13,21 @@ was acknowledged, over the writers' duration) and its peak RSS without the ring 
 mapping (VmRSS minus the ring, as bench/memory.py splits it).  Idle RSS before the first
 rate.  The backend is a counting receiver in its own process: it decompresses and parses
 every push (Loki JSON, `_bulk` NDJSON) and answers as the real server does, so that its
-cost does not starve the agent on a 2-core machine.
+cost does not starve the agent on a 2-core machine.  The stdout sink (the agent's stdout is
+/dev/null: the issue's "podtap run with the stdout sink") counts by the agent's own
+`podtap_sink_sent_records_total`; gzip does not apply to it.
 
     python bench/agent_throughput.py [--smoke] [--seconds N] [--writers N]
-        [--sinks loki,elasticsearch] [--gzip on,off] [--rates 10000,50000,...]
-        [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON] [--tree DIR]
+        [--sinks stdout,loki,elasticsearch] [--gzip on,off] [--rates 10000,50000,...]
+        [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON] [--tree DIR] [--json]
 
---smoke: Loki with gzip at 10K lines/s for 3 s (< 60 s in all, for CI).
+--smoke: the stdout sink and Loki with gzip at 10K lines/s for 3 s (< 60 s in all, for CI).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -117,6 +121,17 @@ class Backend:
     def close(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(30)
+
+
+class SentByAgent:
+    """The stdout sink's 'backend': the agent's own count of records written."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.proc = agent.proc  # its CPU is the agent's: reported as the backend's too
+
+    def count(self) -> int:
+        return int(self.agent.metrics().get('podtap_sink_sent_records_total{sink="bench"}', 0))
 
 
 @dataclass
@@ -226,6 +241,15 @@ class Case:
     backend_cores: float = 0.0
     machine_busy: float = 0.0  # of all CPUs, while the writers ran
 
+    def row(self, kind: str, gzip: bool) -> dict[str, Any]:
+        return {"sink": kind, "gzip": "n/a" if kind == "stdout" else "on" if gzip else "off",
+                "lines/s": self.rate, "held": self.held, "agent cores": round(self.cores, 3),
+                "RSS w/o ring max MiB": round((self.rss.rss - self.rss.ring) / MIB, 1),
+                "acked after the writers s": round(self.drained_s, 1), "missing": self.lost,
+                "machine busy %": round(100 * self.machine_busy),
+                "counted losses": ", ".join(f"{k} {int(v):,}" for k, v in self.losses.items()
+                                            if v) or "none"}
+
     def line(self) -> str:
         verdict = "held" if self.held else "NOT held"
         bad = {k: int(v) for k, v in self.losses.items() if v}
@@ -256,8 +280,8 @@ def machine_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_rate(agent: Agent, backend: Backend, exe: str, writers: list[Writer], rate: int,
-             seconds: float) -> Case:
+def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: list[Writer],
+             rate: int, seconds: float) -> Case:
     case = Case(rate)
     per_writer = rate // len(writers)
     lines = int(per_writer * seconds)
@@ -285,7 +309,8 @@ def run_rate(agent: Agent, backend: Backend, exe: str, writers: list[Writer], ra
     t_done = time.monotonic() - t0
     cpu = process_cpu_s(agent.proc.pid) - cpu0
     case.cores = cpu / t_writers
-    case.backend_cores = (process_cpu_s(backend.proc.pid) - backend0) / t_writers
+    if isinstance(backend, Backend):
+        case.backend_cores = (process_cpu_s(backend.proc.pid) - backend0) / t_writers
     case.rss = max(samples, key=lambda m: m.rss - m.ring)
     case.lost = total - got
     case.drained_s = t_done - t_writers
@@ -300,19 +325,22 @@ def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
                backend: Backend, exe: str, writers: list[Writer], kind: str, gzip: bool,
                rates: tuple[int, ...], seconds: float, env: dict[str, str], tree: Path,
                extra: dict[str, Any], prelude: str) -> list[Case]:
-    sink = {"kind": kind, "url": backend.url, "gzip": gzip, **extra}
+    sink = ({"kind": kind, **extra} if kind == "stdout"
+            else {"kind": kind, "url": backend.url, "gzip": gzip, **extra})
     agent = start_agent(tmp, box, kubelet, token, sink, env, tree, prelude)
+    counter: Backend | SentByAgent = SentByAgent(agent) if kind == "stdout" else backend
     try:
         time.sleep(1)
         cpu0 = process_cpu_s(agent.proc.pid)
         time.sleep(IDLE_S)
         idle_cores = (process_cpu_s(agent.proc.pid) - cpu0) / IDLE_S
         idle = measure(agent.proc.pid)
-        print(f"  {kind}, gzip {'on' if gzip else 'off'}: idle {idle_cores:5.3f} cores,"
+        label = "" if kind == "stdout" else f", gzip {'on' if gzip else 'off'}"
+        print(f"  {kind}{label}: idle {idle_cores:5.3f} cores,"
               f" {idle.line()}", flush=True)
         cases = []
         for rate in rates:
-            case = run_rate(agent, backend, exe, writers, rate, seconds)
+            case = run_rate(agent, counter, exe, writers, rate, seconds)
             print(case.line(), flush=True)
             cases.append(case)
             if not case.held:
@@ -333,7 +361,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--writers", type=int, default=2)
-    parser.add_argument("--sinks", default="loki,elasticsearch")
+    parser.add_argument("--sinks", default="stdout,loki,elasticsearch")
+    parser.add_argument("--json", action="store_true",
+                        help="print every rate's figures as one JSON object at the end")
     parser.add_argument("--gzip", default="on,off")
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
     parser.add_argument("--sink", default="{}",
@@ -350,7 +380,7 @@ def main() -> None:
     rates = tuple(int(r) for r in args.rates.split(","))
     seconds = args.seconds
     if args.smoke:
-        sinks, gzips, rates, seconds = ["loki"], [True], (10_000,), 3.0
+        sinks, gzips, rates, seconds = ["stdout", "loki"], [True], (10_000,), 3.0
     env = dict(e.split("=", 1) for e in args.env)
     extra = yaml.safe_load(args.sink)
     box = CgroupSandbox(prefix="podtap-bench")
@@ -366,13 +396,16 @@ def main() -> None:
             print(f"podtap run, {LINE}-byte lines, 1 line/write, {args.writers} writers, "
                   f"{seconds:g} s per rate, kernel {os.uname().release}, {os.cpu_count()} CPUs, "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
-            failed = False
+            failed, rows = False, []
             for kind in sinks:
-                for gz in gzips:
+                for gz in ([False] if kind == "stdout" else gzips):
                     cases = run_config(tmp, box, kubelet, token, backend, exe, writers, kind,
                                        gz, rates, seconds, env, args.tree, extra,
                                        args.prelude)
                     failed |= not cases[0].held
+                    rows += [c.row(kind, gz) for c in cases]
+            if args.json:
+                print(json.dumps({"writers": args.writers, "seconds": seconds, "rows": rows}))
             if args.smoke and failed:
                 raise SystemExit("smoke: 10K lines/s was not held")
     finally:

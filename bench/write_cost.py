@@ -50,6 +50,37 @@ int main(int argc, char **argv) {
 }
 """
 EMPTY_BPF = "int empty(void *ctx) { return 0; }"
+# The cost writer of the benchmark page and bench/probe_cost.py.
+COST_WRITER_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+/* cost SIZE SYSCALL(0 write, 1 writev of two halves) CALLS RESULT_FILE */
+int main(int argc, char **argv) {
+    size_t size = (size_t)atol(argv[1]);
+    int vec = atoi(argv[2]);
+    long n = atol(argv[3]);
+    char *buf = malloc(size);
+    memset(buf, 'x', size);
+    buf[size - 1] = '\n';
+    struct iovec iov[2] = {{buf, size / 2}, {buf + size / 2, size - size / 2}};
+    struct timespec a, b;
+    /* The writer's own CPU time: not the time it waits for the reader or for a CPU. */
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+    for (long i = 0; i < n; i++) {
+        ssize_t w = vec ? writev(1, iov, 2) : write(1, buf, size);
+        if (w != (ssize_t)size) return 1;
+    }
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+    FILE *out = fopen(argv[4], "w");
+    fprintf(out, "%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+    fclose(out);
+    return 0;
+}
+"""
 
 
 def build_writer(tmp: str) -> str:
