@@ -1,7 +1,8 @@
 """podtap next to rsyslog and syslog-ng on the same lines into the same sink (run as root).
 
-The sink is `LatencyEs` (bench/standard_point.py): a loopback Elasticsearch `_bulk`
-that notes the receipt time of every stamped line.  Writers are the stamped C
+The sink is `LatencyEs` (bench/latency_server.py, a process of its own): a loopback
+Elasticsearch `_bulk` that notes the receipt time of every stamped line.  Its CPU is
+reported apart (`receiver_cores`), counted for no shipper.  Writers are the stamped C
 writer of standard_point.py, 100-byte lines, one line per write(), split over
 two writer processes in their own cgroups:
 
@@ -42,17 +43,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.latency_server import WARMUP_ID, LatencyReceiver, latency_receiver  # noqa: E402
 from bench.standard_point import (  # noqa: E402
     LINE,
-    WARMUP_ID,
-    LatencyBook,
-    LatencyEs,
     Sampler,
     build_writer,
     counted_losses,
     drain,
     loss_counters,
 )
+from bench.tap_throughput import process_cpu_s  # noqa: E402
 from simnode.containers import CgroupSandbox, Container  # noqa: E402
 
 SYSLOG_NG_ROOT = Path(os.environ.get("SYSLOG_NG_ROOT", "/opt/podtap-bench/syslog-ng"))
@@ -80,6 +80,7 @@ class Step:
     rss_max_mib: float
     drain_lag_s: float
     summary: dict[str, Any]
+    receiver_cpu_s: float  # the sink's, counted apart from the shipper's
 
     @property
     def sustained(self) -> bool:
@@ -93,6 +94,7 @@ class Step:
             "writer_extra_cores": extra / self.seconds,
             "total_cores": (self.shipper_cpu_s + extra) / self.seconds,
             "rss_max_mib": self.rss_max_mib, "drain_lag_s": self.drain_lag_s,
+            "receiver_cores": self.receiver_cpu_s / self.seconds,
             **self.summary,
         }
 
@@ -215,30 +217,31 @@ def baseline_step(box: CgroupSandbox, exe: str, rate: int, seconds: float) -> fl
 
 
 def peer_step(name: str, box: CgroupSandbox, exe: str, rate: int, seconds: float,
-              book: LatencyBook, es: LatencyEs, tmp: Path) -> Step:
+              es: LatencyReceiver, tmp: Path) -> Step:
     work = tmp / f"{name}-{rate}"
     logs = work / "logs"
     logs.mkdir(parents=True)
     with peer_process(name, work, logs, es.port) as pid:
         warm = box.container(f"{name}-{rate}-warm")
         warm.spawn(["/bin/sh", "-c", f"exec {exe} {WARMUP_ID} 1 0 {LINE} 1 >> {logs}/warm.log"])
-        wait_until(lambda: book.warmups >= 1, 60, f"{name} shipping its first line")
-        book.reset()
+        wait_until(lambda: es.warmups >= 1, 60, f"{name} shipping its first line")
+        es.reset()
         sampler = Sampler(pid, 0.5)
+        es_cpu0 = process_cpu_s(es.pid)
         sampler.start()
         containers, procs = writers_into(box, exe, rate, seconds, logs, f"{name}-{rate}")
         writer_cpu = finish_writers(containers, procs)
         end = time.monotonic()
         expected = (rate // WRITERS) * int(seconds) * WRITERS
-        lag = drain(book, expected, end)
+        lag = drain(es, expected, end)
         sampler.finish()
+        es_cpu = process_cpu_s(es.pid) - es_cpu0
     shutil.rmtree(work, ignore_errors=True)
     return Step(name, rate, seconds, sampler.cpu_s, writer_cpu,
-                max(sampler.rss) / 2**20, lag, book.summary(expected))
+                max(sampler.rss) / 2**20, lag, es.summary(expected), es_cpu)
 
 
-def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: LatencyEs,
-                tmp: Path) -> Step:
+def podtap_step(exe: str, rate: int, seconds: float, es: LatencyReceiver, tmp: Path) -> Step:
     from simnode.agent import AgentRun
     from simnode.node import SimContainerSpec, SimNode
 
@@ -252,10 +255,11 @@ def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: Late
         try:
             node.run_pod("bench", "warm", [SimContainerSpec(
                 "app", f"exec {exe} {WARMUP_ID} 1 0 {LINE} 0")], driver="systemd").wait(60)
-            wait_until(lambda: book.warmups >= 1, 60, "podtap shipping its first line")
-            book.reset()
+            wait_until(lambda: es.warmups >= 1, 60, "podtap shipping its first line")
+            es.reset()
             losses0 = loss_counters(agent)
             sampler = Sampler(agent.proc.pid, 0.5)
+            es_cpu0 = process_cpu_s(es.pid)
             sampler.start()
             pods = [node.run_pod("bench", f"w-{i}", [SimContainerSpec(
                 "app", f"exec {exe} {i} {lines} {per} {LINE} 0")], driver="systemd")
@@ -264,33 +268,33 @@ def podtap_step(exe: str, rate: int, seconds: float, book: LatencyBook, es: Late
                 pod.wait(seconds * 4 + 60)
             writer_cpu = sum(cgroup_cpu_s(p.containers[0].cgroup_path) for p in pods)
             end = time.monotonic()
-            lag = drain(book, lines * WRITERS, end)
+            lag = drain(es, lines * WRITERS, end)
             sampler.finish()
+            es_cpu = process_cpu_s(es.pid) - es_cpu0
             counted = counted_losses(losses0, loss_counters(agent))
         finally:
             agent.stop()
-    summary = {**book.summary(lines * WRITERS), "agent_counted_losses": counted}
+    summary = {**es.summary(lines * WRITERS), "agent_counted_losses": counted}
     return Step("podtap", rate, seconds, sampler.cpu_s, writer_cpu,
-                max(sampler.rss) / 2**20, lag, summary)
+                max(sampler.rss) / 2**20, lag, summary, es_cpu)
 
 
 def run(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_000, 40_000, 80_000),
         shippers: tuple[str, ...] = SHIPPERS) -> dict[str, Any]:
     """The ramp for each shipper (stops at its first rate not sustained)."""
-    book = LatencyBook()
     rows: list[dict[str, Any]] = []
     box = CgroupSandbox(prefix="podtap-bench")
     try:
-        with LatencyEs(book) as es, tempfile.TemporaryDirectory() as tmp_name:
+        with latency_receiver("es") as es, tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
             exe = build_writer(tmp_name)
             baseline = {rate: baseline_step(box, exe, rate, seconds) for rate in rates}
             for shipper in shippers:
                 for rate in rates:
                     if shipper == "podtap":
-                        step = podtap_step(exe, rate, seconds, book, es, tmp)
+                        step = podtap_step(exe, rate, seconds, es, tmp)
                     else:
-                        step = peer_step(shipper, box, exe, rate, seconds, book, es, tmp)
+                        step = peer_step(shipper, box, exe, rate, seconds, es, tmp)
                     rows.append(step.row(baseline[rate]))
                     print(f"  {shipper} at {rate:,} lines/s: "
                           f"{'sustained' if step.sustained else 'NOT sustained'}", file=sys.stderr)

@@ -3,14 +3,16 @@
 Each container of a simulated node (kubelet-style cgroups, systemd driver: the
 writer's stdout is a pipe drained by the node's reader) runs a C writer that
 puts its id, a sequence number and its CLOCK_REALTIME write time in every
-100-byte line, one line per write().  `podtap run` ships into `LatencyLoki`, a
-FakeLoki that validates pushes as Loki does and, instead of storing entries,
-notes each line's receipt time.  Reported: agent CPU (cores), RSS average and
-max, lines lost, p50/p99/max latency from write() to the sink's receipt.
+100-byte line, one line per write().  `podtap run` ships into `LatencyLoki`
+(bench/latency_server.py, a process of its own), a FakeLoki that validates pushes as
+Loki does and, instead of storing entries, notes each line's receipt time.
+Reported: agent CPU (cores), RSS average and max, lines lost, p50/p99/max latency
+from write() to the sink's receipt, and the receiver's CPU (`receiver_cores`, not
+the agent's).
 
     python bench/standard_point.py [--seconds 300] [--containers 10] [--rate 1000] [--json]
 
-The writer and the latency receivers are shared with bench/peers.py.
+The writer and the sampling helpers are shared with bench/peers.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,12 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp import web  # noqa: E402
-
+from bench.latency_server import WARMUP_ID, LatencyReceiver, latency_receiver  # noqa: E402
 from bench.memory import MIB, measure  # noqa: E402
 from bench.tap_throughput import process_cpu_s  # noqa: E402
-from simnode.esbulk import EsBulkServer, Received  # noqa: E402
-from simnode.loki import FakeLoki, _Stream  # noqa: E402
 
 LINE = 100
 # A writer: `writer ID LINES RATE LEN CRI`.  Every line is
@@ -93,10 +91,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-MARK = re.compile(rb"w(\d+) s(\d+) t(\d+) ")
-WARMUP_ID = 99  # a writer with this id only shows that a shipper is up: not counted
-
-
 def build_writer(tmp: str) -> str:
     src, exe = os.path.join(tmp, "stamped.c"), os.path.join(tmp, "stamped")
     Path(src).write_text(WRITER_C)
@@ -104,105 +98,14 @@ def build_writer(tmp: str) -> str:
     return exe
 
 
-class LatencyBook:
-    """Receipt of stamped lines: unique lines per writer and write -> receipt latencies."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen: set[tuple[int, int]] = set()
-        self._latency_ns: list[int] = []
-        self.duplicates = 0
-        self.warmups = 0
-
-    def note(self, text: bytes, received_ns: int) -> None:
-        found = [(int(w), int(s), int(t)) for w, s, t in MARK.findall(text)]
-        with self._lock:
-            for writer, seq, written in found:
-                if writer == WARMUP_ID:
-                    self.warmups += 1
-                    continue
-                key = (writer, seq)
-                if key in self._seen:
-                    self.duplicates += 1
-                    continue
-                self._seen.add(key)
-                self._latency_ns.append(received_ns - written)
-
-    def unique(self) -> int:
-        with self._lock:
-            return len(self._seen)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._seen.clear()
-            self._latency_ns.clear()
-            self.duplicates = 0
-            self.warmups = 0
-
-    def summary(self, expected: int) -> dict[str, Any]:
-        with self._lock:
-            lat = sorted(self._latency_ns)
-            got = len(self._seen)
-        return {
-            "expected": expected,
-            "received": got,
-            "lost": expected - got,
-            "duplicates": self.duplicates,
-            "p50_s": percentile(lat, 0.50),
-            "p99_s": percentile(lat, 0.99),
-            "max_s": lat[-1] / 1e9 if lat else None,
-            "latency_quantiles_s": [percentile(lat, i / 100) for i in range(101)] if lat else [],
-        }
-
-
-def percentile(sorted_ns: list[int], q: float) -> float | None:
-    if not sorted_ns:
-        return None
-    return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1e9
-
-
-class LatencyLoki(FakeLoki):
-    """FakeLoki that validates every push but keeps only receipt times, not entries."""
-
-    def __init__(self, book: LatencyBook) -> None:
-        super().__init__()
-        self.book = book
-
-    async def _route(self, request: web.Request, body: bytes) -> web.Response:
-        self._received_ns = time.time_ns()
-        return await super()._route(request, body)
-
-    def _append(self, tenant: str, key: str, stream: _Stream,
-                entries: list[tuple[int, str, dict[str, str]]]) -> str | None:
-        self.book.note("".join(line for _, line, _ in entries).encode(), self._received_ns)
-        return None
-
-
-class LatencyEs(EsBulkServer):
-    """EsBulkServer that notes each stamped line's receipt and answers without keeping it."""
-
-    def __init__(self, book: LatencyBook) -> None:
-        super().__init__()
-        self.book = book
-
-    async def _respond(self, received: Received) -> web.StreamResponse:
-        self.book.note(received.body, time.time_ns())
-        response = await super()._respond(received)
-        with self._lock:
-            self.received.clear()  # bodies are not needed; keep memory flat
-            self.docs.clear()
-        return response
-
-
 # Longer than the sinks' longest retry backoff (30 s): a batch being retried is not lost.
 QUIET_S = 45.0
 
 
-def drain(book: LatencyBook, expected: int, end: float, quiet_s: float = QUIET_S) -> float:
+def drain(book: LatencyReceiver, expected: int, end: float, quiet_s: float = QUIET_S) -> float:
     """Wait for every line, or until none arrived for `quiet_s`; seconds since `end`."""
     last, last_change = -1, time.monotonic()
-    while book.unique() < expected:
-        got = book.unique()
+    while (got := book.unique()) < expected:
         if got != last:
             last, last_change = got, time.monotonic()
         if time.monotonic() - last_change > quiet_s:
@@ -277,20 +180,26 @@ class Sampler(threading.Thread):
         }
 
 
+def receiver_cores(receiver: LatencyReceiver, cpu0: float, sampler: Sampler) -> float:
+    """The receiver process's CPU in cores over the sampler's span (call after finish())."""
+    return (process_cpu_s(receiver.pid) - cpu0) / sampler.elapsed_s
+
+
 def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[str, Any]:
     """One standard-point run; returns its figures (JSON-serialisable)."""
     from simnode.agent import AgentRun
     from simnode.node import SimContainerSpec, SimNode
 
     lines = int(seconds * rate)
-    book = LatencyBook()
-    with SimNode() as node, LatencyLoki(book) as loki, tempfile.TemporaryDirectory() as tmp:
+    with SimNode() as node, latency_receiver("loki") as loki, \
+            tempfile.TemporaryDirectory() as tmp:
         exe = build_writer(tmp)
         agent = AgentRun(node, Path(tmp), sinks={"loki": {"kind": "loki", "url": loki.url}})
         try:
             time.sleep(2)  # settle after start
             losses0 = loss_counters(agent)
             sampler = Sampler(agent.proc.pid)
+            loki_cpu0 = process_cpu_s(loki.pid)
             sampler.start()
             pods = [
                 node.run_pod("bench", f"std-{i}", [SimContainerSpec(
@@ -300,8 +209,10 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
             for pod in pods:
                 pod.wait(seconds * 2 + 60)
             writers_s = time.monotonic() - sampler.t0
-            drain(book, lines * containers, time.monotonic())
+            drain(loki, lines * containers, time.monotonic())
             usage = sampler.finish()
+            usage["receiver_cores"] = receiver_cores(loki, loki_cpu0, sampler)
+            summary = loki.summary(lines * containers)
             counted = counted_losses(losses0, loss_counters(agent))
         finally:
             stats = agent.stop()
@@ -312,7 +223,7 @@ def run(seconds: float = 300, containers: int = 10, rate: int = 1000) -> dict[st
         "writers_s": writers_s,
         "sink": "loki (loopback), gzip on, default batch (1 s max age)",
         **usage,
-        **book.summary(lines * containers),
+        **summary,
         "kernel_drop_records": stats.get("kernel_drop_records"),
         "agent_counted_losses": counted,
     }
@@ -334,9 +245,8 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
     from simnode.agent import AgentRun
     from simnode.node import SimContainerSpec, SimNode
 
-    book = LatencyBook()
     rows = []
-    with SimNode() as node, LatencyEs(book) as es, tempfile.TemporaryDirectory() as tmp:
+    with SimNode() as node, latency_receiver("es") as es, tempfile.TemporaryDirectory() as tmp:
         exe = build_static_writer(tmp)
         inside = node.rootfs / "stamped"
         inside.write_bytes(Path(exe).read_bytes())
@@ -346,14 +256,15 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
             node.run_pod("bench", "warm", [SimContainerSpec(
                 "app", f"exec /stamped {WARMUP_ID} 1 0 {LINE} 0")]).wait(60)
             deadline = time.monotonic() + 60
-            while book.warmups < 1 and time.monotonic() < deadline:
+            while es.warmups < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
             for rate in rates:
-                book.reset()
+                es.reset()
                 per = rate // containers
                 lines = int(per * seconds)
                 losses0 = loss_counters(agent)
                 sampler = Sampler(agent.proc.pid, 0.5)
+                es_cpu0 = process_cpu_s(es.pid)
                 sampler.start()
                 pods = [node.run_pod("bench", f"ctr-{rate}-{i}", [SimContainerSpec(
                     "app", f"exec /stamped {i} {lines} {per} {LINE} 0")])
@@ -361,16 +272,18 @@ def containerd_ramp(seconds: float = 20, rates: tuple[int, ...] = (10_000, 20_00
                 for pod in pods:
                     pod.wait(seconds * 6 + 60)
                 writers_s = time.monotonic() - sampler.t0
-                lag = drain(book, lines * containers, time.monotonic())
+                lag = drain(es, lines * containers, time.monotonic())
                 usage = sampler.finish()
+                es_cores = receiver_cores(es, es_cpu0, sampler)
                 counted = counted_losses(losses0, loss_counters(agent))
-                summary = book.summary(lines * containers)
+                summary = es.summary(lines * containers)
                 summary.pop("latency_quantiles_s")
                 sustained = summary["lost"] == 0 and lag <= 10
                 rows.append({"rate": rate, "sustained": sustained, "writers_s": writers_s,
                              "agent_counted_losses": counted,
                              "drain_lag_s": lag, "cpu_cores": usage["cpu_cores"],
-                             "rss_max_mib": usage["rss_max_mib"], **summary})
+                             "rss_max_mib": usage["rss_max_mib"], "receiver_cores": es_cores,
+                             **summary})
                 for pod in pods:
                     node.delete_pod(pod)
                 if not sustained:
