@@ -673,7 +673,7 @@ def rate_goal_rows(ramp: Results, verdict: Any) -> list[list[str]]:
         if best and rate == tried:
             value += " (the highest rate tried)"
         rows.append([what, value, f"≥ {GOALS['rate']:,} lines/s, ≤ 1 core",
-                     verdict(rate, rate is not None and rate >= GOALS["rate"])])
+                     verdict(rate or 0, rate is not None and rate >= GOALS["rate"])])
     return rows or [["zero-loss rate, 2 writers", "not measured", f"≥ {GOALS['rate']:,}",
                      "not measured"]]
 

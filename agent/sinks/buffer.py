@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import struct
 import sys
 import time
@@ -53,9 +52,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 from agent.config import BufferConfig
 from agent.sinks.base import Batch, SinkStats
+
+if TYPE_CHECKING:  # imported where used: only with a disk buffer (~1 MiB of RSS)
+    import sqlite3
 
 log = logging.getLogger("podtap.sinks")
 
@@ -146,6 +149,7 @@ class DiskStore:
     def open(self) -> tuple[list[StoredBatch], int]:
         """Open (or create) the file: the stored batches in seq order, and the highest seq
         ever stored. A file that is not a database is moved aside (logged) and replaced."""
+        import sqlite3
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         try:
             return self._open()
@@ -159,6 +163,7 @@ class DiskStore:
             return self._open()
 
     def _open(self) -> tuple[list[StoredBatch], int]:
+        import sqlite3
         db = self.db = sqlite3.connect(self.path, isolation_level=None)
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes effect on a new file
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # likewise
@@ -207,6 +212,7 @@ class DiskStore:
     def read(self, seq: int) -> Batch | None:
         """The batch stored as `seq`; None when it is missing or corrupt (the corrupt row
         is deleted and counted in `corrupt`)."""
+        import sqlite3
         db = self._conn()
         try:
             row = db.execute("SELECT crc, data FROM batches WHERE seq = ?", (seq,)).fetchone()
@@ -255,6 +261,7 @@ class DiskStore:
             self.db = None
 
     def _close_quietly(self) -> None:
+        import sqlite3
         try:
             self.close()
         except sqlite3.Error:
@@ -345,6 +352,8 @@ class SinkBuffer:
         self._deleting = False
         self.store: DiskStore | None = None
         if cfg.disk_dir:
+            import sqlite3
+
             self.store = DiskStore(os.path.join(cfg.disk_dir, name), cfg.fsync)
             try:
                 self._replay(*io.submit(self.store.open).result())
@@ -586,6 +595,8 @@ class SinkBuffer:
                 lost.append(entry.batch)
         loop = asyncio.get_running_loop()
         if self.store is not None:
+            import sqlite3
+
             try:
                 if keep:
                     await loop.run_in_executor(self.io, self.store.write_many, keep)

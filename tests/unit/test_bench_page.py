@@ -23,6 +23,13 @@ def peer_row(shipper: str, rate: int, sustained: bool = True, cores: float = 0.1
             "max_s": 1.0}
 
 
+def ramp_row(sink: str, gzip: str, rate: int, held: bool, cores: float) -> dict[str, Any]:
+    return {"sink": sink, "gzip": gzip, "lines/s": rate, "held": held, "agent cores": cores,
+            "RSS w/o ring max MiB": 50.0, "acked after the writers s": 1.0,
+            "missing": 0 if held else 5, "machine busy %": 60,
+            "counted losses": "none" if held else "sink_dropped 5"}
+
+
 CANNED: dict[str, Any] = {
     "machine": {"date": "2026-12-01 20:00 UTC", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24,
                 "kernel": "6.18.0 (#1)", "os": "Debian 12.11", "python": "3.11.2",
@@ -41,6 +48,17 @@ CANNED: dict[str, Any] = {
             "runs": 3, "calls": {"100": 300000, "65536": 20000},
             "empty_tracepoints": ["syscalls:sys_exit_write"] * 14,
             "watched_tap_counters": "podtap: records=1 dropped_records=0",
+            "unwatched": {
+                "rounds": 15, "calls": 200000, "tracepoints": 15,
+                "body_ns_over_empty": {"empty": 0.0, "cgroup_id_only": 3.9,
+                                       "cgroup_filter": 7.4, "podtap": 8.0},
+                "variants": {
+                    "write": {"no_probe_ns": 93.0, "empty_added_ns": 160.0,
+                              "podtap_over_empty_wall_ns": 6.0, "body_over_empty_pct": 5.0},
+                    "writev": {"no_probe_ns": 134.0, "empty_added_ns": 16.0,
+                               "podtap_over_empty_wall_ns": 7.0, "body_over_empty_pct": 50.0},
+                },
+            },
         },
         "standard_point": {
             "containers": 10, "rate_per_container": 1000, "seconds": 300.0,
@@ -60,7 +78,13 @@ CANNED: dict[str, Any] = {
                      peer_row("podtap", 20_000),
                      peer_row("podtap", 40_000)],
         },
-        "agent_throughput": {"not_measured": "bench/agent_throughput.py does not exist yet"},
+        "agent_throughput": {"text": "ramp output", "data": {"writers": 2, "seconds": 60,
+                                                             "rows": [
+            ramp_row("stdout", "n/a", 200_000, True, 0.5),
+            ramp_row("stdout", "n/a", 300_000, True, 0.7),
+            ramp_row("loki", "on", 150_000, True, 0.45),
+            ramp_row("loki", "on", 200_000, False, 0.6),
+            ramp_row("elasticsearch", "off", 250_000, True, 1.2)]}},
         "containerd": {"error": "TimeoutError: the shim did not start\nmore"},
         "scale": {"sizes": [
             {"containers": 0, "kubelet_sync_s": 0.01, "agent_start_s": 1.1, "idle_cores": 0.002,
@@ -115,9 +139,13 @@ def test_peers_table_gives_the_highest_sustained_rate_and_cost_at_the_first_rate
     assert "| rsyslog | 20,000 | **no** | 10 |" in text
 
 
-def test_missing_and_failed_cases_are_shown_as_not_measured(rendered: tuple[str, Path]) -> None:
-    text, _ = rendered
-    assert "not measured: bench/agent_throughput.py does not exist yet" in text
+def test_missing_and_failed_cases_are_shown_as_not_measured(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    results["cases"]["agent_throughput"] = {"not_measured": "bench/agent_throughput.py is gone"}
+    out = tmp_path / "m.md"
+    page.write_page(results, out)
+    text = out.read_text()
+    assert "not measured: bench/agent_throughput.py is gone" in text
     assert "not measured: the case failed: `TimeoutError: the shim did not start`" in text
 
 
@@ -128,11 +156,18 @@ def test_goal_verdicts_follow_the_thresholds(tmp_path: Path) -> None:
     text = out.read_text()
     assert goal_row(text, "RSS without").endswith("| meets |")  # 46.5 <= 48
     assert goal_row(text, "CPU at 10K").endswith("| meets |")  # 0.0421 <= 0.05
-    assert goal_row(text, "zero-loss rate").endswith("| **misses** |")  # 40K < 200K
+    stdout = goal_row(text, "zero-loss rate, 2 writers, stdout")
+    assert stdout.endswith("| meets |") and "300,000 lines/s on 0.70 core" in stdout
+    assert "(the highest rate tried)" in stdout
+    loki = goal_row(text, "zero-loss rate, 2 writers, loki (loopback), gzip on")
+    assert loki.endswith("| **misses** |") and "150,000 lines/s" in loki  # 200K not held
+    # held, but on more than 1 core: does not count
+    es = goal_row(text, "zero-loss rate, 2 writers, elasticsearch (loopback), gzip off")
+    assert es.endswith("| **misses** |") and "none held" in es
     assert goal_row(text, "write() cost").endswith("| **misses** |")  # +5 %, +50 %: worst
     results["cases"]["standard_point"]["rss_without_ring_max_mib"] = 48.5
     results["cases"]["standard_point"]["p99_s"] = 1.6
-    del results["cases"]["peers"]
+    del results["cases"]["agent_throughput"]
     page.write_page(results, out)
     text = out.read_text()
     assert goal_row(text, "RSS without").endswith("| **misses** |")
@@ -142,9 +177,23 @@ def test_goal_verdicts_follow_the_thresholds(tmp_path: Path) -> None:
 
 def test_the_worst_write_cost_variant_decides(rendered: tuple[str, Path]) -> None:
     text, _ = rendered
-    # 64 KiB: (150 - 100) / 100 = +50 % over the empty programs: the worst variant
+    # writev: an 8 ns body over 16 ns of empty programs = +50 %: the worst variant
     assert "+50 %" in goal_row(text, "write() cost")
     assert "| meets |" not in goal_row(text, "write() cost")
+
+
+def test_the_precise_unwatched_cost_has_its_table(rendered: tuple[str, Path]) -> None:
+    text, _ = rendered
+    assert "| writev 100 B | 134.0 | +16.0 | +7.0 | +8.0 | +50 % |" in text
+    assert "| that + one array lookup (the least a cgroup filter does) | +7.4 |" in text
+
+
+def test_a_write_cost_without_the_precise_figures_is_not_measured(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    del results["cases"]["write_cost"]["unwatched"]
+    out = tmp_path / "w.md"
+    page.write_page(results, out)
+    assert goal_row(out.read_text(), "write() cost").endswith("| not measured |")
 
 
 def test_plots_are_png_files_linked_from_the_page(rendered: tuple[str, Path]) -> None:
@@ -173,14 +222,14 @@ def test_last_json_takes_the_last_json_line_of_a_scripts_output() -> None:
 
 def test_throughput_rows_from_json_become_a_table(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
-    rows = [{"sink": "loki", "gzip": True, "rate": 100000, "held": True, "cpu_cores": 0.412}]
+    rows = [ramp_row("loki", "on", 100_000, True, 0.412)]
     results["cases"]["agent_throughput"] = {"data": {"rows": rows},
                                             "text": "raw output\n" + json.dumps({"rows": rows})}
     out = tmp_path / "t.md"
     page.write_page(results, out)
     text = out.read_text()
-    assert "| sink | gzip | rate | held | cpu_cores |" in text
-    assert "| loki | True | 100,000 | True | 0.412 |" in text
+    assert "| sink | gzip | lines/s | held | agent cores |" in text
+    assert "| loki | on | 100,000 | True | 0.412 |" in text
     assert "raw output" in text
 
 
