@@ -18,8 +18,9 @@ cost does not starve the agent on a 2-core machine.  The stdout sink (the agent'
 `podtap_sink_sent_records_total`; gzip does not apply to it.
 
     python bench/agent_throughput.py [--smoke] [--seconds N] [--writers N]
-        [--sinks stdout,loki,elasticsearch] [--gzip on,off] [--rates 10000,50000,...]
-        [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON] [--tree DIR] [--json]
+        [--line-bytes N] [--sinks stdout,loki,elasticsearch] [--gzip on,off]
+        [--rates 10000,50000,...] [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON]
+        [--tree DIR] [--json]
 
 --smoke: the stdout sink and Loki with gzip at 10K lines/s for 3 s (< 60 s in all, for CI).
 """
@@ -55,7 +56,7 @@ from simnode.kubelet import FakeKubelet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
-LINE = 100
+LINE = 100  # bytes per line, newline included (--line-bytes)
 RATES = (10_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000)
 TRACE = "--trace" in sys.argv  # print the sink's counters while the writers run
 DRAIN_S = 5.0  # after the writers, every line must be acknowledged within this long
@@ -241,9 +242,10 @@ class Case:
     backend_cores: float = 0.0
     machine_busy: float = 0.0  # of all CPUs, while the writers ran
 
-    def row(self, kind: str, gzip: bool) -> dict[str, Any]:
+    def row(self, kind: str, gzip: bool, line_bytes: int) -> dict[str, Any]:
         return {"sink": kind, "gzip": "n/a" if kind == "stdout" else "on" if gzip else "off",
-                "lines/s": self.rate, "held": self.held, "agent cores": round(self.cores, 3),
+                "line B": line_bytes, "lines/s": self.rate, "held": self.held,
+                "agent cores": round(self.cores, 3),
                 "RSS w/o ring max MiB": round((self.rss.rss - self.rss.ring) / MIB, 1),
                 "acked after the writers s": round(self.drained_s, 1), "missing": self.lost,
                 "machine busy %": round(100 * self.machine_busy),
@@ -281,7 +283,7 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: list[Writer],
-             rate: int, seconds: float) -> Case:
+             rate: int, seconds: float, line_bytes: int = LINE) -> Case:
     case = Case(rate)
     per_writer = rate // len(writers)
     lines = int(per_writer * seconds)
@@ -290,7 +292,8 @@ def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: li
     cpu0, backend0 = process_cpu_s(agent.proc.pid), process_cpu_s(backend.proc.pid)
     busy0 = machine_ticks()
     t0 = time.monotonic()
-    procs = [w.stream.spawn([exe, str(lines), "1", str(LINE), str(per_writer)]) for w in writers]
+    procs = [w.stream.spawn([exe, str(lines), "1", str(line_bytes), str(per_writer)])
+             for w in writers]
     samples = []
     while any(p.poll() is None for p in procs):
         samples.append(measure(agent.proc.pid))
@@ -324,7 +327,7 @@ def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: li
 def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
                backend: Backend, exe: str, writers: list[Writer], kind: str, gzip: bool,
                rates: tuple[int, ...], seconds: float, env: dict[str, str], tree: Path,
-               extra: dict[str, Any], prelude: str) -> list[Case]:
+               extra: dict[str, Any], prelude: str, line_bytes: int = LINE) -> list[Case]:
     sink = ({"kind": kind, **extra} if kind == "stdout"
             else {"kind": kind, "url": backend.url, "gzip": gzip, **extra})
     agent = start_agent(tmp, box, kubelet, token, sink, env, tree, prelude)
@@ -340,7 +343,7 @@ def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
               f" {idle.line()}", flush=True)
         cases = []
         for rate in rates:
-            case = run_rate(agent, counter, exe, writers, rate, seconds)
+            case = run_rate(agent, counter, exe, writers, rate, seconds, line_bytes)
             print(case.line(), flush=True)
             cases.append(case)
             if not case.held:
@@ -361,6 +364,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--line-bytes", type=int, default=LINE,
+                        help="bytes per line, newline included (one line per write())")
     parser.add_argument("--sinks", default="stdout,loki,elasticsearch")
     parser.add_argument("--json", action="store_true",
                         help="print every rate's figures as one JSON object at the end")
@@ -393,17 +398,18 @@ def main() -> None:
             token.write_text(kubelet.token or "")
             exe = build_writer(tmpdir)
             writers = add_writers(box, kubelet, args.writers)
-            print(f"podtap run, {LINE}-byte lines, 1 line/write, {args.writers} writers, "
-                  f"{seconds:g} s per rate, kernel {os.uname().release}, {os.cpu_count()} CPUs, "
+            print(f"podtap run, {args.line_bytes}-byte lines, 1 line/write, {args.writers} "
+                  f"writers, {seconds:g} s per rate, kernel {os.uname().release}, "
+                  f"{os.cpu_count()} CPUs, "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
             failed, rows = False, []
             for kind in sinks:
                 for gz in ([False] if kind == "stdout" else gzips):
                     cases = run_config(tmp, box, kubelet, token, backend, exe, writers, kind,
                                        gz, rates, seconds, env, args.tree, extra,
-                                       args.prelude)
+                                       args.prelude, args.line_bytes)
                     failed |= not cases[0].held
-                    rows += [c.row(kind, gz) for c in cases]
+                    rows += [c.row(kind, gz, args.line_bytes) for c in cases]
             if args.json:
                 print(json.dumps({"writers": args.writers, "seconds": seconds, "rows": rows}))
             if args.smoke and failed:

@@ -198,7 +198,7 @@ def test_a_write_cost_without_the_precise_figures_is_not_measured(tmp_path: Path
 
 def test_plots_are_png_files_linked_from_the_page(rendered: tuple[str, Path]) -> None:
     text, plots = rendered
-    for name in ("write_cost", "standard_point", "peers", "scale"):
+    for name in ("write_cost", "standard_point", "throughput", "peers", "scale"):
         png = plots / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"](bench/{name}.png)" in text
