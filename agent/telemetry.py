@@ -2,8 +2,15 @@
 
 Metrics are made at scrape time: the pipeline hands over a `snapshot` callable that
 returns a `Snapshot` of the counters the stages already keep (plain ints, `SinkStats`),
-and a collector turns it into metric families. Nothing on the data path calls
-prometheus_client; a scrape costs one snapshot and one text rendering.
+and `metric_families` turns it into families that `agent.exposition` renders. Nothing
+on the data path touches metrics; a scrape costs one snapshot and one text rendering.
+
+The server is a small HTTP/1.1 server on `asyncio.start_server`, not aiohttp.web and
+not prometheus_client (together ~3.4 MiB of RSS on every node for three GET routes).
+The agent is privileged on every node, so the server bounds what a client can cost:
+the request head's size, the time to send it, the time to read the answer, the
+number of connections; a bad client gets a status and a closed connection, never an
+exception in the agent.
 
 The server runs on the agent's event loop, so /healthz answering is itself the proof
 that the loop is not stuck.
@@ -11,25 +18,24 @@ that the loop is not stuck.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from aiohttp import web
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import CollectorRegistry
-
 from agent.config import TelemetryConfig
+from agent.exposition import (
+    CONTENT_TYPE,
+    Family,
+    ProcessMetrics,
+    counter,
+    gauge,
+    render,
+)
 from agent.sinks.base import LATENCY_BUCKETS_S, SinkStats
 
 log = logging.getLogger("podtap.telemetry")
@@ -121,94 +127,92 @@ def le_label(bound: float) -> str:
 LATENCY_LE = tuple(le_label(b) for b in (*LATENCY_BUCKETS_S, float("inf")))
 
 
-class SnapshotCollector:
-    """A prometheus_client collector that renders one `Snapshot` per scrape."""
-
-    def __init__(self, snapshot: Callable[[], Snapshot], build: Mapping[str, str]) -> None:
-        self.snapshot = snapshot
-        self.build = dict(build)
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.snapshot()
-        info = GaugeMetricFamily(
-            PREFIX + "build_info", "Constant 1, labelled with the agent's build.",
-            labels=sorted(self.build),
-        )
-        info.add_metric([self.build[k] for k in sorted(self.build)], 1)
-        yield info
-        yield from kernel_metrics(snap.kernel)
-        yield from pipeline_metrics(snap)
-        yield from sink_metrics(snap.sinks, time.time_ns(), time.monotonic_ns())
+def metric_families(
+    snap: Snapshot, build: Mapping[str, str], process: ProcessMetrics | None = None
+) -> Iterator[Family]:
+    """Every family of one scrape, in the order prometheus_client rendered them."""
+    info = gauge(PREFIX + "build_info", "Constant 1, labelled with the agent's build.",
+                 labels=tuple(sorted(build)))
+    info.add([build[k] for k in sorted(build)], 1)
+    yield info
+    yield from kernel_metrics(snap.kernel)
+    yield from pipeline_metrics(snap)
+    yield from sink_metrics(snap.sinks, time.time_ns(), time.monotonic_ns())
+    if process is not None:
+        # process_* (RSS, CPU seconds, open fds): the agent's own cost is what an
+        # operator of a DaemonSet watches first.
+        yield from process.families()
 
 
-def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, doc, value=value)
+def podtap_counter(name: str, doc: str, value: float) -> Family:
+    return counter(PREFIX + name, doc, value)
 
 
-def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+def podtap_gauge(name: str, doc: str, value: float) -> Family:
+    return gauge(PREFIX + name, doc, value)
 
 
-def kernel_metrics(kernel: Mapping[str, int]) -> Iterator[Metric]:
+def kernel_metrics(kernel: Mapping[str, int]) -> Iterator[Family]:
     """The probe's counters. They are not split by stream today; per-stream counters
     named `<records|bytes>_<stdout|stderr>` are exported with a `stream` label."""
     per_stream = {f"{base}_{s}" for base in ("records", "bytes") for s in STREAMS}
     for base in ("records", "bytes"):
         if all(f"{base}_{s}" in kernel for s in STREAMS):
             name, doc = KERNEL_METRICS[base]
-            family = CounterMetricFamily(PREFIX + name, doc, labels=["stream"])
+            family = counter(PREFIX + name, doc, labels=("stream",))
             for s in STREAMS:
-                family.add_metric([s], kernel[f"{base}_{s}"])
+                family.add([s], kernel[f"{base}_{s}"])
             yield family
         elif base in kernel:
-            yield counter(*KERNEL_METRICS[base], kernel[base])
+            yield podtap_counter(*KERNEL_METRICS[base], kernel[base])
     for key, value in kernel.items():
         if key in ("records", "bytes") or key in per_stream:
             continue
         name, doc = KERNEL_METRICS.get(key, (f"kernel_{key}", f"Kernel counter {key}."))
-        yield counter(name, doc, value)
+        yield podtap_counter(name, doc, value)
 
 
-def pipeline_metrics(snap: Snapshot) -> Iterator[Metric]:
-    yield counter("lines", "Lines emitted by line reassembly.", snap.lines)
-    yield counter("partial_lines", "Lines emitted incomplete (idle, exit, loss, max length).",
-                  snap.partial_lines)
-    yield counter("records", "Lines enriched with pod metadata and encoded.", snap.records)
-    yield counter("hold_lines", "Lines held until their container's metadata was known.",
-                  snap.held_lines)
-    yield counter("hold_released_lines", "Held lines released to the sinks.",
-                  snap.released_lines)
-    dropped = CounterMetricFamily(
-        PREFIX + "hold_dropped_lines", "Held lines dropped, by reason.", labels=["reason"]
-    )
+def pipeline_metrics(snap: Snapshot) -> Iterator[Family]:
+    yield podtap_counter("lines", "Lines emitted by line reassembly.", snap.lines)
+    yield podtap_counter("partial_lines",
+                         "Lines emitted incomplete (idle, exit, loss, max length).",
+                         snap.partial_lines)
+    yield podtap_counter("records", "Lines enriched with pod metadata and encoded.",
+                         snap.records)
+    yield podtap_counter("hold_lines", "Lines held until their container's metadata was known.",
+                         snap.held_lines)
+    yield podtap_counter("hold_released_lines", "Held lines released to the sinks.",
+                         snap.released_lines)
+    dropped = counter(PREFIX + "hold_dropped_lines", "Held lines dropped, by reason.",
+                      labels=("reason",))
     for reason, n in sorted(snap.dropped_from_hold.items()):
-        dropped.add_metric([reason], n)
+        dropped.add([reason], n)
     yield dropped
-    yield counter("kubelet_polls", "Kubelet /pods requests.", snap.kubelet_polls)
-    yield counter("kubelet_poll_errors", "Kubelet /pods requests that failed.",
-                  snap.kubelet_errors)
-    yield gauge("containers_watched", "Containers in the kernel's watch map.",
-                snap.containers_watched)
-    yield gauge("containers_excluded", "Containers excluded by the filters.",
-                snap.containers_excluded)
+    yield podtap_counter("kubelet_polls", "Kubelet /pods requests.", snap.kubelet_polls)
+    yield podtap_counter("kubelet_poll_errors", "Kubelet /pods requests that failed.",
+                         snap.kubelet_errors)
+    yield podtap_gauge("containers_watched", "Containers in the kernel's watch map.",
+                       snap.containers_watched)
+    yield podtap_gauge("containers_excluded", "Containers excluded by the filters.",
+                       snap.containers_excluded)
 
 
 def sink_metrics(
     sinks: Mapping[str, SinkStats], wall_ns: int, mono_ns: int
-) -> Iterator[Metric]:
+) -> Iterator[Family]:
     names = sorted(sinks)
     for attr, name, doc in SINK_COUNTERS:
-        family = CounterMetricFamily(PREFIX + name, doc, labels=["sink"])
+        family = counter(PREFIX + name, doc, labels=("sink",))
         for sink in names:
-            family.add_metric([sink], getattr(sinks[sink], attr))
+            family.add([sink], getattr(sinks[sink], attr))
         yield family
-    failures = CounterMetricFamily(
+    failures = counter(
         PREFIX + "sink_failures", "Failed send attempts, by status class (429, 4xx, 5xx, "
-        "transport).", labels=["sink", "status_class"],
+        "transport).", labels=("sink", "status_class"),
     )
     for sink in names:
         for status_class, n in sorted(sinks[sink].failures.items()):
-            failures.add_metric([sink, status_class], n)
+            failures.add([sink, status_class], n)
     yield failures
     yield sink_gauge("sink_buffered_memory_bytes", "Bytes of batches waiting in memory.",
                      {s: sinks[s].memory_bytes_now for s in names})
@@ -230,26 +234,26 @@ def age_s(since_ns: int, now_ns: int) -> float:
     return max(0, now_ns - since_ns) / 1e9 if since_ns else 0.0
 
 
-def sink_gauge(name: str, doc: str, values: Mapping[str, float]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(PREFIX + name, doc, labels=["sink"])
+def sink_gauge(name: str, doc: str, values: Mapping[str, float]) -> Family:
+    family = gauge(PREFIX + name, doc, labels=("sink",))
     for sink, value in values.items():
-        family.add_metric([sink], value)
+        family.add([sink], value)
     return family
 
 
-def latency_histogram(sinks: Mapping[str, SinkStats], names: list[str]) -> Metric:
+def latency_histogram(sinks: Mapping[str, SinkStats], names: list[str]) -> Family:
     """`SinkStats.latency_counts` holds per-bucket counts; Prometheus wants them cumulative."""
-    family = HistogramMetricFamily(
-        PREFIX + "sink_send_latency_seconds", "Time from sending a request to its answer.",
-        labels=["sink"],
+    family = Family(
+        PREFIX + "sink_send_latency_seconds", "histogram",
+        "Time from sending a request to its answer.", ("sink",),
     )
     for sink in names:
         stats = sinks[sink]
         buckets, total = [], 0
         for le, n in zip(LATENCY_LE, stats.latency_counts, strict=True):
             total += n
-            buckets.append((le, float(total)))
-        family.add_metric([sink], buckets, stats.latency_sum_s)
+            buckets.append((le, total))
+        family.add_histogram([sink], buckets, stats.latency_sum_s)
     return family
 
 
@@ -279,73 +283,302 @@ class TelemetryError(OSError):
     """The server could not start (address in use, address not available)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one client may cost the agent."""
+
+    max_head_bytes: int = 8192  # request line plus headers; a body of GET is read up to it too
+    head_timeout_s: float = 10.0  # from a new connection, or a request's first line, to its end
+    idle_timeout_s: float = 75.0  # a kept-alive connection waiting for its next request
+    write_timeout_s: float = 10.0  # a client that does not read its answer
+    max_connections: int = 64
+
+
+@dataclass(slots=True)
+class ServerStats:
+    requests: int = 0
+    bad_requests: int = 0  # answered 4xx/5xx for the request's form, not its path or method
+    timeouts: int = 0
+    rejected_connections: int = 0
+    connection_errors: int = 0  # reset, broken pipe, or an unexpected error
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    http10: bool
+    keep_alive: bool
+
+
+class HttpError(Exception):
+    """A request the server answers with `status` and closes the connection after."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+TEXT = "text/plain; charset=utf-8"
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TARGET = re.compile(rb"/[\x21-\x7e]*")
+HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(now: float) -> str:
+    t = time.gmtime(now)
+    return (f"{DAYS[t.tm_wday]}, {t.tm_mday:02d} {MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def parse_request_line(line: bytes) -> tuple[str, str, bool]:
+    """(method, path without the query, HTTP/1.0?) of `GET /path HTTP/1.1`."""
+    parts = line.split(b" ")
+    if len(parts) != 3 or not TOKEN.fullmatch(parts[0]):
+        raise HttpError(400, "malformed request line")
+    method, target, ver = parts
+    if ver not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505 if HTTP_VERSION.fullmatch(ver) else 400, "unsupported version")
+    if not TARGET.fullmatch(target):
+        raise HttpError(400, "malformed request target")
+    return method.decode(), target.split(b"?", 1)[0].decode(), ver == b"HTTP/1.0"
+
+
+def parse_headers(lines: list[bytes]) -> dict[str, list[str]]:
+    """Header name (lower case) -> its values; a line that is not `name: value` (an
+    obsolete folded line included) is a 400."""
+    headers: dict[str, list[str]] = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not TOKEN.fullmatch(name):
+            raise HttpError(400, "malformed header")
+        headers.setdefault(name.decode().lower(), []).append(value.strip(b" \t").decode("latin-1"))
+    return headers
+
+
+def body_length(headers: Mapping[str, list[str]]) -> int:
+    if "transfer-encoding" in headers:
+        raise HttpError(501, "request bodies with a transfer coding are not supported")
+    values = {v.strip() for value in headers.get("content-length", []) for v in value.split(",")}
+    if not values:
+        return 0
+    if len(values) != 1 or not (value := values.pop()).isdigit():
+        raise HttpError(400, "malformed Content-Length")
+    return int(value)
+
+
+def wants_keep_alive(headers: Mapping[str, list[str]], http10: bool) -> bool:
+    tokens = {t.strip().lower() for v in headers.get("connection", []) for t in v.split(",")}
+    return "keep-alive" in tokens if http10 else "close" not in tokens
+
+
 class TelemetryServer:
-    """/metrics, /healthz and /readyz on `cfg.address:cfg.port`, on the running loop."""
+    """/metrics, /healthz and /readyz on `cfg.address:cfg.port`, on the running loop.
+
+    GET and HEAD; other paths 404, other methods 405. HTTP/1.1 connections are kept
+    alive unless the client says `Connection: close` (HTTP/1.0 ones only on
+    `Connection: keep-alive`)."""
 
     def __init__(
         self,
         cfg: TelemetryConfig,
         snapshot: Callable[[], Snapshot],
         readiness: Callable[[], list[str]],
+        limits: ServerLimits | None = None,
     ) -> None:
         self.cfg = cfg
+        self.snapshot = snapshot
         self.readiness = readiness
-        self.registry = CollectorRegistry()
-        build = {"version": podtap_version(), "python": platform.python_version()}
-        self.registry.register(SnapshotCollector(snapshot, build))
-        # process_* (RSS, CPU seconds, open fds): ~45 us a scrape, and the agent's own
-        # cost is what an operator of a DaemonSet watches first.
-        ProcessCollector(registry=self.registry)
-        self._runner: web.AppRunner | None = None
+        self.limits = limits or ServerLimits()
+        self.build = {"version": podtap_version(), "python": platform.python_version()}
+        self.process = ProcessMetrics()
+        self.stats = ServerStats()
         self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        return app
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz,
+        }
 
     async def start(self) -> None:
-        # access_log None: a scrape every few seconds is not worth a log line.
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.cfg.address, self.cfg.port)
         try:
-            await site.start()
+            server = await asyncio.start_server(
+                self._serve_connection, self.cfg.address, self.cfg.port,
+                limit=self.limits.max_head_bytes,
+            )
         except OSError as e:
-            await runner.cleanup()
             raise TelemetryError(
                 f"telemetry server cannot listen on {self.cfg.address}:{self.cfg.port}: "
                 f"{e.strerror or e}"
             ) from e
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._server = server
+        self.port = int(server.sockets[0].getsockname()[1])
         log.info("telemetry listening", extra={"address": self.cfg.address, "port": self.port})
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await server.wait_closed()
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    def metrics(self) -> tuple[int, str, bytes]:
+        # Prometheus asks for OpenMetrics first but accepts this format too: the 0.0.4
+        # text is served whatever the Accept header says.
         try:
-            body = encode(self.registry)
+            return 200, CONTENT_TYPE, render(metric_families(self.snapshot(), self.build,
+                                                             self.process))
         except Exception:
             log.exception("metrics scrape failed")
-            return web.Response(status=500, text="metrics scrape failed\n")
-        return web.Response(body=body, headers={"Content-Type": content_type})
+            return 500, TEXT, b"metrics scrape failed\n"
 
-    async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    def healthz(self) -> tuple[int, str, bytes]:
+        return 200, TEXT, b"ok\n"
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    def readyz(self) -> tuple[int, str, bytes]:
         try:
             reasons = self.readiness()
         except Exception as e:
             log.exception("readiness check failed")
             reasons = [f"readiness check failed: {e}"]
         if reasons:
-            return web.Response(status=503, text="".join(f"{r}\n" for r in reasons))
-        return web.Response(text="ok\n")
+            return 503, TEXT, "".join(f"{r}\n" for r in reasons).encode()
+        return 200, TEXT, b"ok\n"
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if len(self._connections) >= self.limits.max_connections or self._server is None:
+            self.stats.rejected_connections += 1
+            log.warning("telemetry: connection refused, %d connections open",
+                        len(self._connections))
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve_requests(reader, writer)
+        except TimeoutError:
+            self.stats.timeouts += 1
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.stats.connection_errors += 1
+        except Exception:
+            self.stats.connection_errors += 1
+            log.exception("telemetry: connection failed")
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        first = True
+        while self._server is not None:
+            try:
+                request = await self._read_request(reader, first)
+            except HttpError as e:
+                self.stats.bad_requests += 1
+                log.debug("telemetry: bad request: %s", e, extra={"status": e.status})
+                body = f"{REASONS[e.status]}: {e}\n".encode()
+                await self._send(writer, e.status, TEXT, body, send_body=True, keep_alive=False,
+                                 http10=False)
+                return
+            if request is None:
+                return
+            self.stats.requests += 1
+            status, ctype, body, extra = self._answer(request)
+            await self._send(writer, status, ctype, body, send_body=request.method != "HEAD",
+                             keep_alive=request.keep_alive, http10=request.http10, extra=extra)
+            if not request.keep_alive:
+                return
+            first = False
+
+    def _answer(self, request: Request) -> tuple[int, str, bytes, str]:
+        route = self._routes.get(request.path)
+        if route is None:
+            return 404, TEXT, b"404: Not Found\n", ""
+        if request.method not in ("GET", "HEAD"):
+            return 405, TEXT, b"405: Method Not Allowed\n", "Allow: GET, HEAD\r\n"
+        status, ctype, body = route()
+        return status, ctype, body, ""
+
+    async def _read_request(self, reader: asyncio.StreamReader, first: bool) -> Request | None:
+        """The next request, None when the client closed (or idled out) between requests."""
+        wait_s = self.limits.head_timeout_s if first else self.limits.idle_timeout_s
+        size = 0
+        try:
+            async with asyncio.timeout(wait_s):
+                line = await self._read_line(reader, 414)
+                while line == b"":  # empty lines before a request are allowed (RFC 9112 2.2)
+                    size += 2
+                    if size > self.limits.max_head_bytes:
+                        raise HttpError(400, "only empty lines")
+                    line = await self._read_line(reader, 414)
+        except (TimeoutError, asyncio.IncompleteReadError) as e:
+            if isinstance(e, TimeoutError) and first:
+                raise HttpError(408, "no request in time") from e
+            return None
+        size += len(line) + 2
+        try:
+            async with asyncio.timeout(self.limits.head_timeout_s):
+                return await self._read_rest(reader, line, size)
+        except TimeoutError as e:
+            raise HttpError(408, "request head not complete in time") from e
+
+    async def _read_rest(self, reader: asyncio.StreamReader, line: bytes, size: int) -> Request:
+        """The headers and body of the request whose first line is `line`."""
+        method, path, http10 = parse_request_line(line)
+        lines = []
+        while (line := await self._read_line(reader, 431)) != b"":
+            size += len(line) + 2
+            if size > self.limits.max_head_bytes:
+                raise HttpError(431, "request head too large")
+            lines.append(line)
+        headers = parse_headers(lines)
+        if not http10 and len(headers.get("host", [])) != 1:
+            raise HttpError(400, "HTTP/1.1 request without exactly one Host")
+        length = body_length(headers)
+        if length > self.limits.max_head_bytes:
+            raise HttpError(413, "request body too large")
+        if length:
+            await reader.readexactly(length)
+        return Request(method, path, http10, wants_keep_alive(headers, http10))
+
+    async def _read_line(self, reader: asyncio.StreamReader, too_long: int) -> bytes:
+        """One line without its CRLF (or bare LF); longer than the limit is `too_long`."""
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as e:
+            raise HttpError(too_long, "line too long") from e
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise HttpError(400, "connection closed within a request") from e
+            raise
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, *,
+        send_body: bool, keep_alive: bool, http10: bool, extra: str = "",
+    ) -> None:
+        connection = ("" if keep_alive and not http10 else
+                      "Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n")
+        head = (f"HTTP/1.1 {status} {REASONS[status]}\r\n"
+                f"Date: {http_date(time.time())}\r\n"
+                f"Content-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"{connection}{extra}\r\n")
+        writer.write(head.encode() + body if send_body else head.encode())
+        async with asyncio.timeout(self.limits.write_timeout_s):
+            await writer.drain()

@@ -1,5 +1,5 @@
 """The telemetry server, for real on loopback: /metrics parsed with prometheus_client's
-own parsers, /healthz, /readyz, start and stop."""
+own parser, /healthz, /readyz, start and stop."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as openmetrics_families,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import TelemetryConfig
@@ -63,10 +60,10 @@ def snapshot() -> Snapshot:
     )
 
 
-def parse(text: str, openmetrics: bool = False) -> Samples:
-    families = openmetrics_families(text) if openmetrics else text_string_to_metric_families(text)
+def parse(text: str) -> Samples:
     return {
-        (s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text) for s in f.samples
     }
 
 
@@ -223,14 +220,22 @@ def test_each_scrape_takes_a_new_snapshot() -> None:
     assert len(calls) == 2
 
 
-def test_openmetrics_is_served_when_asked_for() -> None:
+# Prometheus's own scrape Accept header: OpenMetrics first, the 0.0.4 text accepted.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize("accept", ["application/openmetrics-text", PROMETHEUS_ACCEPT])
+def test_the_text_format_is_served_when_openmetrics_is_asked_for(accept: str) -> None:
     async def body(server: TelemetryServer) -> tuple[str, str]:
-        _status, ctype, text = await get(server, "/metrics", "application/openmetrics-text")
+        _status, ctype, text = await get(server, "/metrics", accept)
         return ctype, text
 
     ctype, text = serve(snapshot, body)
-    assert ctype.startswith("application/openmetrics-text")
-    samples = parse(text, openmetrics=True)
+    assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+    samples = parse(text)
     assert value(samples, "podtap_sink_sent_records_total", sink="loki") == 2001
     assert value(samples, "podtap_sink_send_latency_seconds_count", sink="es") == 0
 
