@@ -120,29 +120,33 @@ def wall_rounds(writer: Writer, empty: Tracepoints, probe: Probe, rounds: int
     return samples
 
 
-def body_rounds(writer: Writer, bpf: Any, probe: Probe, rounds: int) -> dict[str, list[float]]:
-    """ns per run (kernel stats) of podtap's sys_exit_write program and the references."""
+def body_rounds(writer: Writer, bpf: Any, probe: Probe, rounds: int
+                ) -> dict[str, dict[str, list[float]]]:
+    """ns per run (kernel stats) of podtap's program on each variant's exit tracepoint and
+    of the references on the same tracepoint, by variant."""
     fds = {name: bpf.load_func(name.encode(), bpf.TRACEPOINT).fd for name in REFERENCES}
-    one = Tracepoints(bpf, ["syscalls:sys_exit_write"])
-    runs: dict[str, list[float]] = {}
+    runs: dict[str, dict[str, list[float]]] = {}
     before = Path(STATS).read_text().strip()
     Path(STATS).write_text("1\n")
     try:
         for _ in range(rounds):
-            for name in (*REFERENCES, "podtap"):
-                if name == "podtap":
-                    probe.attach()
-                    fd = probe.program_fd("exit_write")
-                else:
-                    one.attach(name)
-                    fd = fds[name]
-                t0, n0 = run_stats(fd)
-                writer.ns_per_call(0)
-                t1, n1 = run_stats(fd)
-                runs.setdefault(name, []).append((t1 - t0) / max(n1 - n0, 1))
-                one.detach()
-                if probe.attached:
-                    probe.detach()
+            for variant, vec in VARIANTS:
+                one = Tracepoints(bpf, [f"syscalls:sys_exit_{variant}"])
+                for name in (*REFERENCES, "podtap"):
+                    if name == "podtap":
+                        probe.attach()
+                        fd = probe.program_fd(f"exit_{variant}")
+                    else:
+                        one.attach(name)
+                        fd = fds[name]
+                    t0, n0 = run_stats(fd)
+                    writer.ns_per_call(vec)
+                    t1, n1 = run_stats(fd)
+                    runs.setdefault(variant, {}).setdefault(name, []).append(
+                        (t1 - t0) / max(n1 - n0, 1))
+                    one.detach()
+                    if probe.attached:
+                        probe.detach()
     finally:
         Path(STATS).write_text(before + "\n")
     return runs
@@ -178,38 +182,37 @@ def unwatched_cost(rounds: int = 15, calls: int = 200_000) -> dict[str, Any]:
         if probe is not None:
             probe.close()
         box.cleanup()
-    medians = {name: statistics.median(v) for name, v in body.items()}
-    added = {name: medians[name] - medians["empty"] for name in medians}
     variants = {}
     for name, by in wall.items():
+        medians = {prog: statistics.median(v) for prog, v in body[name].items()}
+        added = {prog: medians[prog] - medians["empty"] for prog in medians}
         empty_added = paired_median(by["empty programs"], by["no probe"])
         variants[name] = {
             "no_probe_ns": statistics.median(by["no probe"]),
             "empty_added_ns": empty_added,
             "podtap_over_empty_wall_ns": paired_median(by["podtap, unwatched"],
                                                        by["empty programs"]),
+            "body_ns_over_empty": added,
             "body_over_empty_pct": 100 * added["podtap"] / empty_added if empty_added > 0
             else None,
         }
     return {"rounds": rounds, "calls": calls, "tracepoints": len(empty.tracepoints),
-            "body_ns_over_empty": added, "variants": variants, "samples": wall,
-            "body_samples": body}
+            "variants": variants, "samples": wall, "body_samples": body}
 
 
 def report(r: dict[str, Any]) -> str:
     out = [f"podtap's cost for a writer it does not watch ({r['rounds']} rounds of "
-           f"{r['calls']:,} calls of 100 B to /dev/null; medians)",
-           "  body of the sys_exit_write program over an empty one (kernel BPF stats):"]
-    for name, ns in r["body_ns_over_empty"].items():
-        if name != "empty":
-            out.append(f"    {name:16s} +{ns:5.1f} ns")
+           f"{r['calls']:,} calls of 100 B to /dev/null; medians)"]
     for name, v in r["variants"].items():
         pct = v["body_over_empty_pct"]
         out.append(f"  {name}: no probe {v['no_probe_ns']:.1f} ns; empty programs on the "
                    f"{r['tracepoints']} tracepoints add {v['empty_added_ns']:.1f} ns; podtap "
                    f"adds {v['podtap_over_empty_wall_ns']:+.1f} ns more (wall) / "
-                   f"{r['body_ns_over_empty']['podtap']:+.1f} ns (body) = "
+                   f"{v['body_ns_over_empty']['podtap']:+.1f} ns (body) = "
                    + (f"{pct:+.0f} %" if pct is not None else "n/a"))
+        out.append(f"    body of the sys_exit_{name} program over an empty one (kernel stats): "
+                   + ", ".join(f"{prog} {ns:+.1f} ns" for prog, ns in
+                               v["body_ns_over_empty"].items() if prog != "empty"))
     return "\n".join(out)
 
 
