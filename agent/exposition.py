@@ -29,7 +29,8 @@ def format_value(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if value.is_integer() and abs(value) < _EXACT_INT:
-        return str(int(value))
+        # -0.0 keeps its sign: parsers read "-0" as the integer 0.
+        return "-0.0" if math.copysign(1.0, value) < 0 and not value else str(int(value))
     return repr(value)
 
 
@@ -124,7 +125,7 @@ class ProcessMetrics:
                       "Start time of the process since unix epoch in seconds.",
                       float(parts[19]) / self.ticks + self.boot_time),
                 counter("process_cpu_seconds", "Total user and system CPU time spent in seconds.",
-                        (float(parts[11]) + float(parts[12])) / self.ticks),
+                        float(parts[11]) / self.ticks + float(parts[12]) / self.ticks),
             ]
         except (OSError, IndexError, ValueError):
             pass
