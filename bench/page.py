@@ -225,7 +225,7 @@ def peers(mode: Mode) -> Results:
     from bench.peers import run
 
     return run(seconds=mode.pick(20, 4),
-               rates=mode.pick((10_000, 20_000, 40_000, 80_000, 120_000), (10_000,)))
+               rates=mode.pick((10_000, 20_000, 40_000, 80_000, 120_000, 160_000), (10_000,)))
 
 
 def scale(mode: Mode) -> Results:
@@ -523,7 +523,9 @@ def section_peers(case: Results | None, plots: Plots) -> str:
     out += (
         f"The same stamped {case['line_bytes']}-byte lines from {case['writers']} writer "
         f"processes (one line per `write()`), {case['seconds']:.0f} s per rate, into the same "
-        f"sink: {case['sink']}. rsyslog (`imfile` → `omelasticsearch`) and syslog-ng "
+        f"sink: {case['sink']}, a receiver in its own process (`bench/latency_server.py`: "
+        "simnode's `_bulk` server, which validates every request as Elasticsearch does, "
+        "noting each stamped line's receipt). rsyslog (`imfile` → `omelasticsearch`) and syslog-ng "
         "(`wildcard-file()` → `http()`) tail CRI-format files (`<RFC3339Nano> stdout F <line>`) "
         "that **the writer processes write themselves** (not conmon); podtap captures the "
         "writers' stdout pipes in kubelet-style cgroups. CPU = the shipper's CPU + the writers' "
@@ -551,11 +553,12 @@ def section_peers(case: Results | None, plots: Plots) -> str:
                   f"latency p50 / p99 at {rate0} (s)"], summary)
     out += "\nEvery step:\n\n"
     out += table(["shipper", "lines/s", "sustained", "lost", "CPU (cores)", "RSS max (MiB)",
-                  "p50 / p99 (s)", "drained after writers (s)", "podtap's loss counters"],
+                  "p50 / p99 (s)", "drained after writers (s)",
+                  "receiver's CPU (cores; not counted above)", "podtap's loss counters"],
                  [[r["shipper"], f"{r['rate']:,}", "yes" if r["sustained"] else "**no**",
                    f"{r['lost']:,}", f"{r['total_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
                    f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}",
-                   f"{r['drain_lag_s']:.2f}",
+                   f"{r['drain_lag_s']:.2f}", num(r.get("receiver_cores"), "{:.3f}"),
                    losses_text(r["agent_counted_losses"]) if "agent_counted_losses" in r else ""]
                   for r in rows])
     fig, axes = figure(3, 11, 3.3)
@@ -650,11 +653,13 @@ def section_containerd(case: Results | None) -> str:
             "the loss counters are the agent's own (drops, dead letters, retries).\n\n")
     return out + table(
         ["lines/s", "sustained", "lost", "agent CPU (cores)", "agent RSS max (MiB)",
-         "p50 / p99 (s)", "drained after writers (s)", "the agent's loss counters"],
+         "p50 / p99 (s)", "drained after writers (s)", "receiver's CPU (cores)",
+         "the agent's loss counters"],
         [[f"{r['rate']:,}", "yes" if r["sustained"] else "**no**", f"{r['lost']:,}",
           f"{r['cpu_cores']:.3f}", f"{r['rss_max_mib']:.1f}",
           f"{num(r['p50_s'], '{:.3f}')} / {num(r['p99_s'], '{:.3f}')}",
-          f"{r['drain_lag_s']:.1f}", losses_text(r.get("agent_counted_losses"))]
+          f"{r['drain_lag_s']:.1f}", num(r.get("receiver_cores"), "{:.3f}"),
+          losses_text(r.get("agent_counted_losses"))]
          for r in case["rows"]])
 
 
