@@ -38,7 +38,7 @@ demo: install
 bench-deps:
 	bash scripts/install-bench-deps.sh
 
-# The benchmark page (docs/benchmarks.md, docs/bench/): the full run, about 45 min, root; not in CI.
+# The benchmark page (docs/benchmarks.md, docs/bench/): the full run, about 55 min, root; not in CI.
 bench: install bench-deps
 	$(VPY) bench/page.py
 
