@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,38 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "podtap": commit + (" (with local changes)" if dirty else ""),
         "load_before": os.getloadavg()[0],
+        "wakeup_us": wakeup_round_trip_us(),
     }
+
+
+def wakeup_round_trip_us(trips: int = 5000, runs: int = 5) -> float:
+    """Median µs of one byte sent to a thread through a pipe and back: how busy the VM's
+    host is. The guest sees no steal time, so when the host is busy a process's CPU time
+    grows with the cost of each wake-up, and so do podtap's CPU figures at low rates."""
+    import threading
+
+    def once() -> float:
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+
+        def echo() -> None:
+            for _ in range(trips):
+                os.read(r1, 1)
+                os.write(w2, b"x")
+
+        thread = threading.Thread(target=echo)
+        thread.start()
+        t0 = time.perf_counter()
+        for _ in range(trips):
+            os.write(w1, b"x")
+            os.read(r2, 1)
+        elapsed = time.perf_counter() - t0
+        thread.join()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+        return 1e6 * elapsed / trips
+
+    return round(statistics.median(once() for _ in range(runs)), 1)
 
 
 # --- write() cost -----------------------------------------------------------------------
@@ -759,9 +791,15 @@ def render(results: Results, plots: Plots) -> str:
             ["CPU", f"{m['cpu']}, {m['cpus']} CPUs"], ["memory", f"{m['memory_gib']} GiB"],
             ["kernel", m["kernel"]], ["OS", m["os"]], ["Python", m["python"]],
             ["podtap", m["podtap"]], ["load average before the run", f"{m['load_before']:.2f}"],
+            ["thread wake-up round trip through a pipe, at the start / end of the run",
+             f"{num(m.get('wakeup_us'), '{:.1f}', ' µs')} / "
+             f"{num(results.get('wakeup_us_after'), '{:.1f}', ' µs')}"],
         ])
-        + "\nThis is a 2-core development machine shared with other work: CPU figures carry "
-        "noise of a few hundredths of a core.\n\n"
+        + "\nThis is a 2-core VM shared with other work: CPU figures carry noise of a few "
+        "hundredths of a core. The guest sees no steal time: when the host is busy, each "
+        "wake-up costs more and is counted as the process's CPU time, so the figures of "
+        "wake-up-heavy work (an agent at low rates, an idle agent) grow with the round trip "
+        "above.\n\n"
     )
     for rerun in results.get("reruns", []):
         when = rerun["machine"]
@@ -800,6 +838,7 @@ def run_cases(mode: Mode, only: list[str]) -> Results:
             results["cases"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         results["cases"][name]["duration_s"] = round(time.monotonic() - started, 1)
     results["duration_s"] = round(time.monotonic() - t0, 1)
+    results["wakeup_us_after"] = wakeup_round_trip_us()
     return results
 
 

@@ -33,7 +33,8 @@ def ramp_row(sink: str, gzip: str, rate: int, held: bool, cores: float) -> dict[
 CANNED: dict[str, Any] = {
     "machine": {"date": "2026-12-01 20:00 UTC", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24,
                 "kernel": "6.18.0 (#1)", "os": "Debian 12.11", "python": "3.11.2",
-                "podtap": "abc1234", "load_before": 0.5},
+                "podtap": "abc1234", "load_before": 0.5, "wakeup_us": 21.5},
+    "wakeup_us_after": 80.25,
     "smoke": False,
     "duration_s": 1800,
     "cases": {
@@ -114,6 +115,8 @@ def goal_row(text: str, what: str) -> str:
 
 def test_the_page_names_machine_kernel_and_date(rendered: tuple[str, Path]) -> None:
     text, _ = rendered
+    assert "| thread wake-up round trip through a pipe, at the start / end of the run | " \
+        "21.5 µs / 80.2 µs |" in text
     for fact in ("Test CPU, 2 CPUs", "6.18.0 (#1)", "2026-12-01 20:00 UTC", "abc1234",
                  "full run"):
         assert fact in text
@@ -229,6 +232,11 @@ def test_throughput_rows_from_json_become_a_table(tmp_path: Path) -> None:
 
 def test_broken_lists_the_cases_that_failed() -> None:
     assert page.broken(CANNED) == ["containerd"]
+
+
+def test_the_wakeup_round_trip_is_a_positive_time() -> None:
+    us = page.wakeup_round_trip_us(trips=200, runs=3)
+    assert 0 < us < 1e6
 
 
 def test_smoke_mode_picks_the_short_figures() -> None:
