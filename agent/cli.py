@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "message_base64; escape: \\udcXX escapes)")
     tap.add_argument("--config", "-c", help="YAML configuration file")
 
-    sub.add_parser("check", help="check the node's requirements")
+    check = sub.add_parser("check", help="check the node's requirements")
+    check.add_argument("--config", "-c", help="YAML configuration file (for "
+                       "capture.headers_cache_dir and the PODTAP_* environment)")
     sub.add_parser("config-schema", help="print the JSON Schema of the configuration")
     sub.add_parser("version", help="print the version")
     return parser
@@ -102,11 +104,12 @@ def cmd_tap(args: argparse.Namespace) -> int:
     return asyncio.run(pipeline.run())
 
 
-def cmd_check(_args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     """Report what the node offers against what the BPF program uses; changes nothing."""
     from agent.capture.host import run_checks
 
-    results = run_checks()
+    cfg = load_config(args.config)
+    results = run_checks(cfg.capture.headers_cache_dir)
     for r in results:
         mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
         print(f"[{mark}] {r.name}: {r.detail}")

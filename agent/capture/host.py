@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.capture.abi import bpf_dir
-from agent.capture.headers import HeadersError, find_kernel_headers
+from agent.capture.headers import DEFAULT_CACHE_DIR, HeadersError, find_kernel_headers
 
 TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -362,9 +362,9 @@ def check_cgroup2() -> CheckResult:
     )
 
 
-def check_headers() -> CheckResult:
+def check_headers(cache_dir: str = DEFAULT_CACHE_DIR) -> CheckResult:
     try:
-        found = find_kernel_headers(merge=False)
+        found = find_kernel_headers(cache_dir=cache_dir, merge=False)
     except (HeadersError, OSError) as e:
         return CheckResult("kernel headers for bcc", False, "none", str(e))
     if found.source == "debian" and not os.path.isdir(found.path):
@@ -411,5 +411,8 @@ CHECKS: tuple[Callable[[], CheckResult], ...] = (
 )
 
 
-def run_checks() -> list[CheckResult]:
-    return [check() for check in CHECKS]
+def run_checks(headers_cache_dir: str = DEFAULT_CACHE_DIR) -> list[CheckResult]:
+    """Every check; the headers are looked for where `podtap run` would merge them
+    (`capture.headers_cache_dir`)."""
+    return [check_headers(headers_cache_dir) if check is check_headers else check()
+            for check in CHECKS]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +120,31 @@ def test_check_passes_on_this_node() -> None:
                  "BPF helpers and map types", "cgroup v2", "bcc", "kernel headers for bcc"):
         assert name in out
     assert re.search(r"^9 passed \(\d+ with warnings\), 0 failed$", out, re.M)
+
+
+def test_check_looks_for_headers_where_the_configuration_puts_them(tmp_path: Path) -> None:
+    cache = tmp_path / "headers"
+    config = tmp_path / "podtap.yaml"
+    config.write_text(f"capture:\n  headers_cache_dir: {cache}\n")
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(config)],
+                          capture_output=True, cwd=REPO, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "BCC_KERNEL_SOURCE"})
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    headers = next(line for line in out.splitlines() if "kernel headers for bcc" in line)
+    # Debian's headers are merged into the configured cache; a tree of the host's own
+    # (/lib/modules/<release>/build) is used in place and the cache is not needed.
+    assert str(cache) in headers or "(host)" in headers, headers
+    assert not cache.exists()  # check writes nothing
+
+
+def test_check_refuses_a_bad_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "podtap.yaml"
+    config.write_text("capture:\n  no_such_key: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "check", "-c", str(config)],
+                          capture_output=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert b"configuration error: unknown configuration key capture.no_such_key" in proc.stderr
 
 
 def test_a_failing_ring_drain_stops_the_tap_with_an_error(
