@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from email.utils import formatdate  # already imported by aiohttp's client
 from importlib.metadata import PackageNotFoundError, version
 
 from agent.config import TelemetryConfig
@@ -329,15 +330,6 @@ TEXT = "text/plain; charset=utf-8"
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 TARGET = re.compile(rb"/[\x21-\x7e]*")
 HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def http_date(now: float) -> str:
-    t = time.gmtime(now)
-    return (f"{DAYS[t.tm_wday]}, {t.tm_mday:02d} {MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
-
 
 def parse_request_line(line: bytes) -> tuple[str, str, bool]:
     """(method, path without the query, HTTP/1.0?) of `GET /path HTTP/1.1`."""
@@ -575,7 +567,7 @@ class TelemetryServer:
         connection = ("" if keep_alive and not http10 else
                       "Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n")
         head = (f"HTTP/1.1 {status} {REASONS[status]}\r\n"
-                f"Date: {http_date(time.time())}\r\n"
+                f"Date: {formatdate(usegmt=True)}\r\n"
                 f"Content-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 f"{connection}{extra}\r\n")
