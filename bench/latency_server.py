@@ -49,6 +49,7 @@ from aiohttp import web
 
 from simnode.esbulk import EsBulkServer, Received
 from simnode.loki import FakeLoki, _Stream
+from simnode.node import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = re.compile(rb"w(\d+) s(\d+) t(\d+) ")
@@ -298,13 +299,7 @@ def _wait_answering(receiver: LatencyReceiver, proc: subprocess.Popen[bytes],
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_process(proc, signal.SIGTERM, 30)
     if proc.stdout is not None:
         proc.stdout.close()
 

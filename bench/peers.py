@@ -54,6 +54,7 @@ from bench.standard_point import (  # noqa: E402
 )
 from bench.tap_throughput import process_cpu_s  # noqa: E402
 from simnode.containers import CgroupSandbox, Container  # noqa: E402
+from simnode.node import stop_process  # noqa: E402
 
 SYSLOG_NG_ROOT = Path(os.environ.get("SYSLOG_NG_ROOT", "/opt/podtap-bench/syslog-ng"))
 WRITERS = 2
@@ -169,13 +170,7 @@ def peer_process(name: str, work: Path, logs: Path, port: int) -> Iterator[int]:
     try:
         yield proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, signal.SIGTERM, 20)
         log.close()
         if proc.returncode not in (0, -signal.SIGTERM):
             tail = (work / f"{name}.out").read_text(errors="replace")[-1500:]

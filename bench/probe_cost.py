@@ -36,7 +36,7 @@ from agent.capture.headers import find_kernel_headers  # noqa: E402
 from agent.capture.host import ensure_tracefs  # noqa: E402
 from agent.capture.probe import PodsRoot, Probe  # noqa: E402
 from agent.config import CaptureConfig  # noqa: E402
-from bench.write_cost import COST_WRITER_C  # noqa: E402
+from bench.write_cost import COST_WRITER_C, build_writer  # noqa: E402
 from simnode.containers import CgroupSandbox  # noqa: E402
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -66,9 +66,7 @@ class Writer:
     """The C writer, writing `calls` times 100 bytes to /dev/null; ns of CPU per call."""
 
     def __init__(self, tmp: str, calls: int) -> None:
-        src, self.exe = Path(tmp, "cost.c"), str(Path(tmp, "cost"))
-        src.write_text(COST_WRITER_C)
-        subprocess.run(["gcc", "-O2", "-o", self.exe, str(src)], check=True)
+        self.exe = build_writer(tmp, COST_WRITER_C, "cost")
         self.result, self.calls = Path(tmp, "result"), calls
 
     def ns_per_call(self, vec: int) -> float:

@@ -83,9 +83,10 @@ int main(int argc, char **argv) {
 """
 
 
-def build_writer(tmp: str) -> str:
-    src, exe = os.path.join(tmp, "writer.c"), os.path.join(tmp, "writer")
-    Path(src).write_text(WRITER_C)
+def build_writer(tmp: str, source: str = WRITER_C, name: str = "writer") -> str:
+    """Compile a C writer (this script's, or COST_WRITER_C) into `tmp`; its path."""
+    src, exe = os.path.join(tmp, f"{name}.c"), os.path.join(tmp, name)
+    Path(src).write_text(source)
     subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
     return exe
 

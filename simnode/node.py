@@ -466,7 +466,7 @@ def _shim_pids_for(containerd_address: str) -> list[int]:
     return [pid for pid in pids if _is_shim_of(pid, containerd_address)]
 
 
-def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
     """Signal a child by pid, wait; SIGKILL if it outlives the timeout; always reap."""
     if proc.poll() is not None:
         return
@@ -1019,7 +1019,7 @@ class SimNode:
 
     def _stop_containerd(self) -> None:
         if self._containerd is not None:
-            _stop_process(self._containerd, signal.SIGTERM, _KILL_TIMEOUT_S)
+            stop_process(self._containerd, signal.SIGTERM, _KILL_TIMEOUT_S)
 
     def _shim_pids(self) -> list[int]:
         """Pids of the shims of this node's containerd (their command line has its socket)."""
