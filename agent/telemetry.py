@@ -293,6 +293,8 @@ class ServerLimits:
     idle_timeout_s: float = 75.0  # a kept-alive connection waiting for its next request
     write_timeout_s: float = 10.0  # a client that does not read its answer
     max_connections: int = 64
+    linger_s: float = 2.0  # after answering and before closing, what the client still sends is read
+    linger_bytes: int = 1 << 20  # and dropped, up to this much
 
 
 @dataclass(slots=True)
@@ -486,6 +488,7 @@ class TelemetryServer:
                 body = f"{REASONS[e.status]}: {e}\n".encode()
                 await self._send(writer, e.status, TEXT, body, send_body=True, keep_alive=False,
                                  http10=False)
+                await self._linger(reader, writer)
                 return
             if request is None:
                 return
@@ -494,8 +497,25 @@ class TelemetryServer:
             await self._send(writer, status, ctype, body, send_body=request.method != "HEAD",
                              keep_alive=request.keep_alive, http10=request.http10, extra=extra)
             if not request.keep_alive:
+                await self._linger(reader, writer)
                 return
             first = False
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then drop what the client still sends until it closes or for a while.
+
+        Closing a socket with unread bytes in it makes the kernel answer with a reset, and a
+        reset can destroy the answer before the client has read it (a client trickling its
+        head, or one that pipelined requests after `Connection: close`)."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        dropped = 0
+        try:
+            async with asyncio.timeout(self.limits.linger_s):
+                while dropped <= self.limits.linger_bytes and (chunk := await reader.read(65536)):
+                    dropped += len(chunk)
+        except (TimeoutError, ConnectionError):
+            pass
 
     def _answer(self, request: Request) -> tuple[int, str, bytes, str]:
         route = self._routes.get(request.path)

@@ -496,6 +496,99 @@ def test_http11_connection_close_in_any_form_closes(value: bytes) -> None:
     assert gone
 
 
+# --- closing without destroying the answer ---
+
+UNREAD = b"Z" * 200_000  # far more than the server reads before it answers and closes
+CLOSING = [
+    (get("/healthz", extra=b"Connection: close\r\n") + get("/metrics"), 200),
+    (b"GET /healthz HTTP/1.0\r\n\r\n" + get("/metrics"), 200),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n", 414),
+    (b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-Big: " + b"b" * 9000, 431),
+    (get("/healthz", extra=b"Content-Length: 100000\r\n"), 413),
+    (b"GET /healthz HTTP/1.1 extra\r\n" + HOST + b"\r\n", 400),
+    (b"GET /healthz HTTP/2.0\r\n" + HOST + b"\r\n", 505),
+]
+
+
+@pytest.mark.parametrize(("raw", "status"), CLOSING, ids=[
+    "connection-close-then-pipelined", "http10-then-pipelined", "414", "431", "413", "400", "505"])
+def test_closing_with_client_bytes_unread_sends_the_answer_then_a_clean_end(
+    raw: bytes, status: int
+) -> None:
+    # Closing a socket with unread bytes makes the kernel send a reset, which can destroy
+    # the answer before the client reads it: the server must half-close and drain first.
+    async def body() -> tuple[Response, bytes | str, int]:
+        async with running() as server:
+            reader, writer = await connect(server)
+            writer.write(raw + UNREAD)
+            answer = await read_response(reader)
+            try:
+                async with asyncio.timeout(DEADLINE_S):
+                    rest: bytes | str = await reader.read()
+            except ConnectionResetError:
+                rest = "reset"
+            writer.close()
+            return answer, rest, server.stats.connection_errors
+
+    answer, rest, errors = run(body)
+    assert answer.status == status
+    assert rest == b""  # an end of stream after the answer, not a reset
+    assert errors == 0
+
+
+def test_a_client_that_keeps_sending_after_its_answer_is_closed_after_the_linger_time() -> None:
+    async def body() -> tuple[Response, bytes, bool]:
+        limits = ServerLimits(linger_s=0.5)
+        async with running(limits) as server:
+            reader, writer = await connect(server)
+            writer.write(b"GET /healthz HTTP/2.0\r\n" + HOST + b"\r\n")
+            answer = await read_response(reader)
+            async with asyncio.timeout(DEADLINE_S):
+                rest = await reader.read()
+                gone = False
+                while not gone:  # the server still reads until the linger time is over
+                    try:
+                        writer.write(b"more")
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                    except ConnectionError:
+                        gone = True
+                    gone = gone or not server._connections
+            writer.close()
+            return answer, rest, gone
+
+    answer, rest, gone = run(body)
+    assert answer.status == 505
+    assert rest == b""
+    assert gone
+
+
+def test_a_client_pouring_bytes_after_its_answer_is_cut_off_after_the_linger_bytes() -> None:
+    async def body() -> tuple[Response, int]:
+        limits = ServerLimits(linger_s=600, linger_bytes=100_000)
+        async with running(limits) as server:
+            reader, writer = await connect(server)
+            writer.write(b"GET /healthz HTTP/2.0\r\n" + HOST + b"\r\n")
+            answer = await read_response(reader)
+            sent = 0
+            async with asyncio.timeout(DEADLINE_S):
+                try:
+                    while server._connections and sent < 1 << 30:
+                        writer.write(b"p" * 65536)
+                        await writer.drain()
+                        sent += 65536
+                except ConnectionError:
+                    pass
+                while server._connections:
+                    await asyncio.sleep(0.01)
+            writer.close()
+            return answer, sent
+
+    answer, sent = run(body)
+    assert answer.status == 505
+    assert sent < 1 << 30  # the server stopped reading long before a linger of 600 s
+
+
 # --- many connections ---
 
 def test_many_concurrent_connections_are_all_served() -> None:
