@@ -450,6 +450,11 @@ class Discovery:
                 changed.append(cg)
         return changed
 
+    @property
+    def awaiting_idents(self) -> bool:
+        """Some watched container is captured by fd number until its identities are read."""
+        return bool(self._no_idents)
+
     def refresh_idents(self) -> None:
         """Read the stream identities of watched containers that had no process yet
         (cheap: no kubelet call), so the fd-number fallback lasts as short as possible."""

@@ -169,8 +169,15 @@ def test_a_failing_ring_drain_stops_the_tap_with_an_error(
     pipeline = TapPipeline(
         Config(), resolve_targets([str(c.path)], []), True, True, "json", out, err
     )
-    c.python("import os\nos.write(1, b'a line that is never drained\\n')").wait(30)
-    assert asyncio.run(asyncio.wait_for(pipeline.run(), 60)) == 1
+    # Lines keep coming, so some are written after the probe is attached: the drain
+    # thread only reads the ring when the kernel has put records in it.
+    writer = c.python("import os, time\nwhile True:\n    os.write(1, b'never drained\\n')\n"
+                      "    time.sleep(0.05)")
+    try:
+        assert asyncio.run(asyncio.wait_for(pipeline.run(), 60)) == 1
+    finally:
+        writer.kill()
+        writer.wait(30)
     assert b"podtap: tapping" in err.getvalue()
 
 
