@@ -580,7 +580,7 @@ def test_close_with_grace_zero_without_disk_counts_drops() -> None:
 
 def test_close_after_grace_abandons_a_hanging_request_and_persists_it(tmp_path: Path) -> None:
     async def body() -> None:
-        cfg = sink_config(tmp_path)
+        cfg = sink_config(tmp_path, max_in_flight=2)
         sink, transport, clock = make_sink(cfg)
         transport.gate = asyncio.Event()  # never answers
         lines = Lines(1)
