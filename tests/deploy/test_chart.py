@@ -207,7 +207,10 @@ def test_agent_runs_the_mounted_config_and_probes_its_telemetry_port() -> None:
 def test_init_container_checks_the_node_with_the_agents_view() -> None:
     r = rendered("default")
     (init,) = r.pod["initContainers"]
-    assert init["args"] == ["check"]
+    assert init["args"] == ["check", "-c", "/etc/podtap/podtap.yaml"] == [
+        "check", *r.agent["args"][1:]]  # the agent's own configuration file
+    assert {"name": "config", "mountPath": "/etc/podtap", "readOnly": True} in (
+        init["volumeMounts"])
     assert init["image"] == r.agent["image"] == "podtap/podtap:0.1.0"
     assert init["securityContext"] == r.agent["securityContext"]
     assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
