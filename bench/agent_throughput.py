@@ -20,7 +20,7 @@ cost does not starve the agent on a 2-core machine.  The stdout sink (the agent'
     python bench/agent_throughput.py [--smoke] [--seconds N] [--writers N]
         [--line-bytes N] [--sinks stdout,loki,elasticsearch] [--gzip on,off]
         [--rates 10000,50000,...] [--env NAME=VALUE]... [--sink YAML] [--prelude PYTHON]
-        [--tree DIR] [--json]
+        [--tree DIR] [--json] [--profile SECONDS]
 
 --smoke: the stdout sink and Loki with gzip at 10K lines/s for 3 s (< 60 s in all, for CI).
 """
@@ -28,6 +28,7 @@ cost does not starve the agent on a 2-core machine.  The stdout sink (the agent'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -49,6 +50,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.memory import Memory, measure  # noqa: E402
+from bench.profile import AgentProfile  # noqa: E402
 from bench.tap_throughput import build_writer, process_cpu_s  # noqa: E402
 from bench.write_cost import Stream  # noqa: E402
 from simnode.containers import CgroupSandbox  # noqa: E402
@@ -59,6 +61,7 @@ MIB = 1024 * 1024
 LINE = 100  # bytes per line, newline included (--line-bytes)
 RATES = (10_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000)
 TRACE = "--trace" in sys.argv  # print the sink's counters while the writers run
+PROFILE_DELAY_S = 3.0  # --profile starts this long after the writers (past the ramp-up)
 DRAIN_S = 5.0  # after the writers, every line must be acknowledged within this long
 IDLE_S = 3.0  # the idle agent's CPU and RSS are measured over this long
 
@@ -241,6 +244,7 @@ class Case:
     losses: dict[str, float] = field(default_factory=dict)
     backend_cores: float = 0.0
     machine_busy: float = 0.0  # of all CPUs, while the writers ran
+    profile: dict[str, Any] = field(default_factory=dict)  # bench/profile.py's, --profile
 
     def row(self, kind: str, gzip: bool, line_bytes: int) -> dict[str, Any]:
         return {"sink": kind, "gzip": "n/a" if kind == "stdout" else "on" if gzip else "off",
@@ -250,7 +254,8 @@ class Case:
                 "acked after the writers s": round(self.drained_s, 1), "missing": self.lost,
                 "machine busy %": round(100 * self.machine_busy),
                 "counted losses": ", ".join(f"{k} {int(v):,}" for k, v in self.losses.items()
-                                            if v) or "none"}
+                                            if v) or "none",
+                **({"profile": self.profile} if self.profile else {})}
 
     def line(self) -> str:
         verdict = "held" if self.held else "NOT held"
@@ -260,7 +265,19 @@ class Case:
                 f" | all acked {self.drained_s:4.1f} s after the writers"
                 f" | missing {self.lost} | backend {self.backend_cores:4.2f} cores"
                 f" | machine {100 * self.machine_busy:3.0f}% busy"
-                + (f" | counted losses {bad}" if bad else ""))
+                + (f" | counted losses {bad}" if bad else "") + self.profile_lines())
+
+    def profile_lines(self) -> str:
+        p = self.profile
+        if not p:
+            return ""
+        if "error" in p:
+            return f"\n      profile: {p['error']}"
+        threads = ", ".join(f"{name} {cores:.3f}" for name, cores in p["threads"].items())
+        stages = ", ".join(f"{stage} {100 * share:.0f}%" for stage, share in p["stages"].items()
+                           if share >= 0.005)
+        return (f"\n      threads (cores): {threads}"
+                f"\n      GIL held {p['gil_cores']:.3f} cores, by stage: {stages}")
 
 
 def trace(agent: Agent, t: float) -> None:
@@ -283,7 +300,9 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: list[Writer],
-             rate: int, seconds: float, line_bytes: int = LINE) -> Case:
+             rate: int, seconds: float, line_bytes: int = LINE, profile_s: float = 0.0) -> Case:
+    """One rate; with `profile_s`, the agent is also profiled (bench/profile.py) for that
+    long, from PROFILE_DELAY_S after the writers start (the profiler's cost is in `cores`)."""
     case = Case(rate)
     per_writer = rate // len(writers)
     lines = int(per_writer * seconds)
@@ -295,12 +314,18 @@ def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: li
     procs = [w.stream.spawn([exe, str(lines), "1", str(line_bytes), str(per_writer)])
              for w in writers]
     samples = []
-    while any(p.poll() is None for p in procs):
-        samples.append(measure(agent.proc.pid))
-        if TRACE:
-            trace(agent, time.monotonic() - t0)
-        time.sleep(0.25)
-    t_writers = time.monotonic() - t0
+    with contextlib.ExitStack() as stack:
+        if profile_s:
+            profile = stack.enter_context(AgentProfile(agent.proc.pid, profile_s,
+                                                       PROFILE_DELAY_S))
+        while any(p.poll() is None for p in procs):
+            samples.append(measure(agent.proc.pid))
+            if TRACE:
+                trace(agent, time.monotonic() - t0)
+            time.sleep(0.25)
+        t_writers = time.monotonic() - t0
+    if profile_s:
+        case.profile = profile.result
     busy1 = machine_ticks()
     case.machine_busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
     deadline = time.monotonic() + DRAIN_S + seconds  # a backlog still drains, but too late
@@ -327,7 +352,8 @@ def run_rate(agent: Agent, backend: Backend | SentByAgent, exe: str, writers: li
 def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
                backend: Backend, exe: str, writers: list[Writer], kind: str, gzip: bool,
                rates: tuple[int, ...], seconds: float, env: dict[str, str], tree: Path,
-               extra: dict[str, Any], prelude: str, line_bytes: int = LINE) -> list[Case]:
+               extra: dict[str, Any], prelude: str, line_bytes: int = LINE,
+               profile_s: float = 0.0) -> list[Case]:
     sink = ({"kind": kind, **extra} if kind == "stdout"
             else {"kind": kind, "url": backend.url, "gzip": gzip, **extra})
     agent = start_agent(tmp, box, kubelet, token, sink, env, tree, prelude)
@@ -343,7 +369,7 @@ def run_config(tmp: Path, box: CgroupSandbox, kubelet: FakeKubelet, token: Path,
               f" {idle.line()}", flush=True)
         cases = []
         for rate in rates:
-            case = run_rate(agent, counter, exe, writers, rate, seconds, line_bytes)
+            case = run_rate(agent, counter, exe, writers, rate, seconds, line_bytes, profile_s)
             print(case.line(), flush=True)
             cases.append(case)
             if not case.held:
@@ -374,6 +400,8 @@ def main() -> None:
     parser.add_argument("--sink", default="{}",
                         help='more sink options, as YAML: "{max_in_flight: 4}"')
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="profile the agent (py-spy, threads' CPU) this long at each rate")
     parser.add_argument("--prelude", default="",
                         help='Python run in the agent first: "import gc; gc.freeze()"')
     parser.add_argument("--tree", type=Path, default=REPO,
@@ -407,7 +435,7 @@ def main() -> None:
                 for gz in ([False] if kind == "stdout" else gzips):
                     cases = run_config(tmp, box, kubelet, token, backend, exe, writers, kind,
                                        gz, rates, seconds, env, args.tree, extra,
-                                       args.prelude, args.line_bytes)
+                                       args.prelude, args.line_bytes, args.profile)
                     failed |= not cases[0].held
                     rows += [c.row(kind, gz, args.line_bytes) for c in cases]
             if args.json:

@@ -234,6 +234,21 @@ def agent_throughput(mode: Mode) -> Results:
     return {"data": {"rows": rows}, "text": "\n".join(texts)}
 
 
+def profile(mode: Mode) -> Results:
+    """The agent at the standard point's rate and at the issue's 200K lines/s, into Loki
+    with gzip, profiled while the writers run (bench/profile.py)."""
+    args = [str(REPO / "bench" / "agent_throughput.py"), "--json", "--sinks", "loki",
+            "--gzip", "on", "--rates", mode.pick("10000,200000", "10000"),
+            "--seconds", mode.pick("25", "7"), "--profile", mode.pick("15", "2")]
+    out = run_script(args, timeout=mode.pick(900, 150))
+    rows = (last_json(out) or {}).get("rows", [])
+    broken = [r.get("profile", {}).get("error", "no profile") for r in rows
+              if "threads" not in r.get("profile", {})]
+    if not rows or broken:
+        raise RuntimeError(f"no profile: {broken or out[-500:]}")
+    return {"data": {"rows": rows}, "text": out}
+
+
 def containerd_case(mode: Mode) -> Results:
     from bench.standard_point import containerd_ramp
 
@@ -292,6 +307,7 @@ CASES: dict[str, Callable[[Mode], Results]] = {
     "standard_point": standard_point,
     "peers": peers,
     "agent_throughput": agent_throughput,
+    "profile": profile,
     "containerd": containerd_case,
     "scale": scale,
     "micro": micro,
@@ -636,6 +652,38 @@ def section_throughput(case: Results | None, plots: Plots | None = None) -> str:
     return out + f"Output of `bench/agent_throughput.py`:\n\n```\n{text}\n```\n"
 
 
+def section_profile(case: Results | None) -> str:
+    out = "## Where the agent's CPU goes\n\n"
+    missing = not_measured(case, "profile (bench/agent_throughput.py --profile)")
+    if missing or case is None:
+        return out + (missing or "")
+    rows = case["data"]["rows"]
+    out += ("`podtap run` into the loopback Loki with gzip, as in the throughput ramp, "
+            "profiled while the writers run (`bench/profile.py`): each thread's CPU from "
+            "`/proc`, and py-spy's samples of the thread that holds the GIL, sorted by the "
+            "stage of their innermost frame. Work done without the GIL (zlib in the gzip "
+            "thread, the kernel's side of a system call) is only in the threads' CPU. The "
+            "profiler costs the agent some CPU itself: the agent's cores here are above the "
+            "ramp's.\n\n")
+    names = list(dict.fromkeys(n for r in rows for n in r["profile"]["threads"]))
+    out += table(["lines/s", "agent cores", *[f"thread `{n}`" for n in names],
+                  "GIL held (cores)"],
+                 [[f"{r['lines/s']:,}", f"{r['agent cores']:.3f}",
+                   *[num(r["profile"]["threads"].get(n), "{:.3f}") for n in names],
+                   f"{r['profile']['gil_cores']:.3f}"] for r in rows]) + "\n"
+    stages = list(dict.fromkeys(s for r in rows for s in r["profile"]["stages"]))
+    out += "Python work (GIL held) by stage, share of the samples and cores:\n\n"
+    out += table(["stage", *[f"{r['lines/s']:,} lines/s" for r in rows]],
+                 [[stage, *[share_cell(r["profile"], stage) for r in rows]]
+                  for stage in stages]) + "\n"
+    return out
+
+
+def share_cell(prof: dict[str, Any], stage: str) -> str:
+    share = prof["stages"].get(stage, 0.0)
+    return f"{100 * share:.0f} % ({share * prof['gil_cores']:.3f})"
+
+
 def plot_throughput(rows: list[dict[str, Any]], plots: Plots) -> str:
     fig, axes = figure(2, 9, 3.4)
     for key in dict.fromkeys((r["sink"], r["gzip"], r.get("line B", 100)) for r in rows):
@@ -773,7 +821,16 @@ def section_goals(cases: dict[str, Results]) -> str:
          f"≤ {GOALS['p99']} s", verdict(std.get("p99_s"),
                                         (std.get("p99_s") or 99) <= GOALS["p99"])],
     ]
-    return "## Goals of issue 7\n\n" + table(["what", "this run", "goal", ""], rows)
+    out = "## Goals of issue 7\n\n" + table(["what", "this run", "goal", ""], rows)
+    missed = [row[0] for row in rows if row[3] == "**misses**"]
+    if any(not what.startswith("write()") for what in missed):
+        out += ("\nWhere the agent's time goes, at the standard point's rate and at 200K "
+                "lines/s: [the profile](#where-the-agents-cpu-goes).\n")
+    if any(what.startswith("write()") for what in missed):
+        out += ("\nWhat the write() cost is made of, next to the least a cgroup filter costs: "
+                "[a writer podtap does not watch](#a-writer-podtap-does-not-watch-measured-"
+                "precisely).\n")
+    return out
 
 
 def render(results: Results, plots: Plots) -> str:
@@ -809,6 +866,7 @@ def render(results: Results, plots: Plots) -> str:
     out += section_write_cost(cases.get("write_cost"), plots) + "\n"
     out += section_standard_point(cases.get("standard_point"), plots) + "\n"
     out += section_throughput(cases.get("agent_throughput"), plots) + "\n"
+    out += section_profile(cases.get("profile")) + "\n"
     out += section_containerd(cases.get("containerd")) + "\n"
     out += section_peers(cases.get("peers"), plots) + "\n"
     out += section_published() + "\n"

@@ -4,10 +4,13 @@
 #   - matplotlib (Debian's python3-matplotlib: the venv sees system site packages) for the plots;
 #   - the peer shippers of the benchmark page: rsyslog with omelasticsearch, installed as packages,
 #     and syslog-ng with its http() module, unpacked with `dpkg -x` under SYSLOG_NG_ROOT because
-#     syslog-ng-core conflicts with rsyslog as a package. Neither is started as a service.
+#     syslog-ng-core conflicts with rsyslog as a package. Neither is started as a service;
+#   - py-spy (from PyPI, into the venv) for the page's profile of the agent's CPU.
 set -euo pipefail
 
 SYSLOG_NG_ROOT=${SYSLOG_NG_ROOT:-/opt/podtap-bench/syslog-ng}
+VENV=${VENV:-.venv}
+PY_SPY=py-spy==0.4.3
 
 PACKAGES=(
   python3-matplotlib     # the PNG plots of docs/benchmarks.md
@@ -39,4 +42,8 @@ if [[ ! -x "$SYSLOG_NG_ROOT/usr/sbin/syslog-ng" || ! -e "$SYSLOG_NG_ROOT/usr/lib
     dpkg -x "$deb" "$SYSLOG_NG_ROOT"
   done
 fi
-echo "install-bench-deps: ok (syslog-ng in $SYSLOG_NG_ROOT)"
+if [[ ! -x "$VENV/bin/py-spy" ]]; then
+  echo "install-bench-deps: installing $PY_SPY into $VENV"
+  "$VENV/bin/python" -m pip install -q "$PY_SPY"
+fi
+echo "install-bench-deps: ok (syslog-ng in $SYSLOG_NG_ROOT, py-spy in $VENV)"

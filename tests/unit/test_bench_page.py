@@ -88,6 +88,17 @@ CANNED: dict[str, Any] = {
             ramp_row("loki", "on", 150_000, True, 0.45),
             ramp_row("loki", "on", 200_000, False, 0.6),
             ramp_row("elasticsearch", "off", 250_000, True, 1.2)]}},
+        "profile": {"text": "profile output", "data": {"rows": [
+            {**ramp_row("loki", "on", 10_000, True, 0.06),
+             "profile": {"threads": {"MainThread": 0.04, "podtap-ring-drain": 0.01,
+                                     "asyncio_0": 0.008},
+                         "gil_cores": 0.05, "samples": 187,
+                         "stages": {"encode records": 0.4, "gzip": 0.1, "other": 0.5}}},
+            {**ramp_row("loki", "on", 200_000, False, 0.9),
+             "profile": {"threads": {"MainThread": 0.7, "podtap-ring-drain": 0.1,
+                                     "asyncio_0": 0.15, "asyncio_1": 0.02},
+                         "gil_cores": 0.8, "samples": 3000,
+                         "stages": {"encode records": 0.5, "decode": 0.25, "other": 0.25}}}]}},
         "containerd": {"error": "TimeoutError: the shim did not start\nmore"},
         "scale": {"sizes": [
             {"containers": 0, "kubelet_sync_s": 0.01, "agent_start_s": 1.1, "idle_cores": 0.002,
@@ -282,3 +293,24 @@ def test_losses_text_reads_labelled_sink_counters() -> None:
                'podtap_sink_sent_records_total{sink="es"}': 900.0, "podtap_lines_total": 1000.0}
     assert page.losses_text(counted) == \
         'sink_retries{sink="es"} 3 (lines captured 1,000, acknowledged 900)'
+
+
+def test_the_profile_gives_each_threads_cpu_and_each_stages_share_and_cores(
+    rendered: tuple[str, Path]
+) -> None:
+    text, _ = rendered
+    section = text.split("## Where the agent's CPU goes", 1)[1].split("\n## ", 1)[0]
+    assert "| 10,000 | 0.060 | 0.040 | 0.010 | 0.008 | n/a | 0.050 |" in section
+    assert "| 200,000 | 0.900 | 0.700 | 0.100 | 0.150 | 0.020 | 0.800 |" in section
+    assert "| encode records | 40 % (0.020) | 50 % (0.400) |" in section
+    assert "| gzip | 10 % (0.005) | 0 % (0.000) |" in section
+    assert "| decode | 0 % (0.000) | 25 % (0.200) |" in section
+
+
+def test_a_failed_profile_is_not_measured(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    results["cases"]["profile"] = {"error": "RuntimeError: no profile: ['py-spy not found']"}
+    out = tmp_path / "benchmarks.md"
+    page.write_page(results, out)
+    assert "profile (bench/agent_throughput.py --profile): not measured: the case failed" in (
+        out.read_text())
