@@ -676,7 +676,15 @@ def section_profile(case: Results | None) -> str:
     out += table(["stage", *[f"{r['lines/s']:,} lines/s" for r in rows]],
                  [[stage, *[share_cell(r["profile"], stage) for r in rows]]
                   for stage in stages]) + "\n"
+    for r in rows:
+        per_line = sum(r["profile"]["stages"].get(s, 0.0) for s in PER_LINE_STAGES)
+        out += (f"At {r['lines/s']:,} lines/s, {100 * per_line:.0f} % of the Python work is "
+                f"per line ({', '.join(PER_LINE_STAGES)}) and {100 * (1 - per_line):.0f} % is "
+                "per batch, per request or per wake-up (the rest).\n\n")
     return out
+
+
+PER_LINE_STAGES = ("decode", "lines", "enrich", "encode records", "batching, buffers")
 
 
 def share_cell(prof: dict[str, Any], stage: str) -> str:
@@ -825,7 +833,18 @@ def section_goals(cases: dict[str, Results]) -> str:
     missed = [row[0] for row in rows if row[3] == "**misses**"]
     if any(not what.startswith("write()") for what in missed):
         out += ("\nWhere the agent's time goes, at the standard point's rate and at 200K "
-                "lines/s: [the profile](#where-the-agents-cpu-goes).\n")
+                "lines/s: [the profile](#where-the-agents-cpu-goes).")
+        prof = next((r["profile"] for r in cases.get("profile", {}).get("data", {}).get(
+            "rows", []) if r.get("lines/s") == 10_000 and "stages" in r.get("profile", {})),
+            None)
+        cpu_missed = any(what.startswith("CPU") for what in missed)
+        if cpu_missed and prof and sum(prof["stages"].get(s, 0.0)
+                                       for s in PER_LINE_STAGES) < 0.5:
+            out += (" At 10K lines/s most of it is fixed work per batch, per request and per "
+                    "wake-up, not per line: what would cut it is fewer wake-ups per batch (the "
+                    "ring drained by the event loop itself instead of a thread that wakes it) "
+                    "and less work per request.")
+        out += "\n"
     if any(what.startswith("write()") for what in missed):
         out += ("\nWhat the write() cost is made of, next to the least a cgroup filter costs: "
                 "[a writer podtap does not watch](#a-writer-podtap-does-not-watch-measured-"

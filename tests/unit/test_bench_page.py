@@ -305,6 +305,8 @@ def test_the_profile_gives_each_threads_cpu_and_each_stages_share_and_cores(
     assert "| encode records | 40 % (0.020) | 50 % (0.400) |" in section
     assert "| gzip | 10 % (0.005) | 0 % (0.000) |" in section
     assert "| decode | 0 % (0.000) | 25 % (0.200) |" in section
+    assert "At 10,000 lines/s, 40 % of the Python work is per line" in section
+    assert "At 200,000 lines/s, 75 % of the Python work is per line" in section
 
 
 def test_a_failed_profile_is_not_measured(tmp_path: Path) -> None:
@@ -314,3 +316,17 @@ def test_a_failed_profile_is_not_measured(tmp_path: Path) -> None:
     page.write_page(results, out)
     assert "profile (bench/agent_throughput.py --profile): not measured: the case failed" in (
         out.read_text())
+
+
+def test_a_cpu_goal_missed_on_fixed_work_says_what_would_cut_it(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    results["cases"]["standard_point"]["cpu_cores"] = 0.08  # misses 0.05
+    out = tmp_path / "benchmarks.md"
+    page.write_page(results, out)
+    goals = out.read_text().split("## write() cost", 1)[0]
+    assert "[the profile](#where-the-agents-cpu-goes)" in goals
+    assert "fixed work per batch" in goals  # 40 % per line at 10K in the canned profile
+    prof = results["cases"]["profile"]["data"]["rows"][0]["profile"]
+    prof["stages"] = {"decode": 0.6, "other": 0.4}
+    page.write_page(results, out)
+    assert "fixed work per batch" not in out.read_text()
