@@ -507,14 +507,14 @@ class TelemetryServer:
         Closing a socket with unread bytes in it makes the kernel answer with a reset, and a
         reset can destroy the answer before the client has read it (a client trickling its
         head, or one that pipelined requests after `Connection: close`)."""
-        if writer.can_write_eof():
-            writer.write_eof()
         dropped = 0
         try:
+            if writer.can_write_eof():
+                writer.write_eof()  # ENOTCONN when the client is already gone: nothing to wait for
             async with asyncio.timeout(self.limits.linger_s):
                 while dropped <= self.limits.linger_bytes and (chunk := await reader.read(65536)):
                     dropped += len(chunk)
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, OSError):
             pass
 
     def _answer(self, request: Request) -> tuple[int, str, bytes, str]:

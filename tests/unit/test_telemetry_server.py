@@ -4,6 +4,7 @@ slow and bad clients, keep-alive, many connections; and what the agent imports."
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -588,6 +589,24 @@ def test_a_client_pouring_bytes_after_its_answer_is_cut_off_after_the_linger_byt
     assert answer.status == 505
     assert sent < 1 << 30  # the server stopped reading long before a linger of 600 s
 
+
+def test_lingering_on_a_socket_the_client_already_reset_is_no_error() -> None:
+    # Seen in the image test: urllib read its answer and was gone before the server
+    # half-closed, and shutdown(SHUT_WR) raised ENOTCONN out of the connection handler.
+    class GoneWriter:
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    async def body() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_eof()
+        async with running() as server:
+            await server._linger(reader, GoneWriter())  # type: ignore[arg-type]
+
+    run(body)
 
 # --- many connections ---
 
