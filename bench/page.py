@@ -677,7 +677,7 @@ def section_profile(case: Results | None) -> str:
                  [[stage, *[share_cell(r["profile"], stage) for r in rows]]
                   for stage in stages]) + "\n"
     for r in rows:
-        per_line = sum(r["profile"]["stages"].get(s, 0.0) for s in PER_LINE_STAGES)
+        per_line = per_line_share(r["profile"])
         out += (f"At {r['lines/s']:,} lines/s, {100 * per_line:.0f} % of the Python work is "
                 f"per line ({', '.join(PER_LINE_STAGES)}) and {100 * (1 - per_line):.0f} % is "
                 "per batch, per request or per wake-up (the rest).\n\n")
@@ -685,6 +685,11 @@ def section_profile(case: Results | None) -> str:
 
 
 PER_LINE_STAGES = ("decode", "lines", "enrich", "encode records", "batching, buffers")
+
+
+def per_line_share(prof: dict[str, Any]) -> float:
+    """The share of a profile's Python work that is done per line."""
+    return sum(prof["stages"].get(s, 0.0) for s in PER_LINE_STAGES)
 
 
 def share_cell(prof: dict[str, Any], stage: str) -> str:
@@ -838,8 +843,7 @@ def section_goals(cases: dict[str, Results]) -> str:
             "rows", []) if r.get("lines/s") == 10_000 and "stages" in r.get("profile", {})),
             None)
         cpu_missed = any(what.startswith("CPU") for what in missed)
-        if cpu_missed and prof and sum(prof["stages"].get(s, 0.0)
-                                       for s in PER_LINE_STAGES) < 0.5:
+        if cpu_missed and prof and per_line_share(prof) < 0.5:
             out += (" At 10K lines/s most of it is fixed work per batch, per request and per "
                     "wake-up, not per line: what would cut it is fewer wake-ups per batch (the "
                     "ring drained by the event loop itself instead of a thread that wakes it) "

@@ -26,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.tap_throughput import stat_cpu_s
+
 RATE_HZ = 250
 # (stage, frame pattern): first pattern that an innermost frame matches, in this order.
 STAGES: tuple[tuple[str, str], ...] = (
@@ -89,15 +91,12 @@ def thread_names(pid: int, spy: str) -> dict[int, str]:
 
 def threads_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of `pid`, from /proc/<pid>/task/<tid>/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out[int(tid)] = stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:  # the thread ended
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

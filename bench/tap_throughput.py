@@ -83,10 +83,15 @@ def build_writer(tmp: str) -> str:
     return exe
 
 
+def stat_cpu_s(stat_file: str | Path) -> float:
+    """user + system CPU seconds so far of a process or thread, from its /proc stat file."""
+    fields = Path(stat_file).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_s(pid: int) -> float:
     """user + system CPU seconds of a running process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def run_case(

@@ -113,11 +113,16 @@ CANNED: dict[str, Any] = {
 }
 
 
+def page_text(results: dict[str, Any], tmp_path: Path) -> str:
+    """The page rendered from `results` into tmp_path (plots beside it)."""
+    out = tmp_path / "benchmarks.md"
+    page.write_page(results, out)
+    return out.read_text()
+
+
 @pytest.fixture
 def rendered(tmp_path: Path) -> tuple[str, Path]:
-    out = tmp_path / "benchmarks.md"
-    page.write_page(copy.deepcopy(CANNED), out)
-    return out.read_text(), tmp_path / "bench"
+    return page_text(copy.deepcopy(CANNED), tmp_path), tmp_path / "bench"
 
 
 def goal_row(text: str, what: str) -> str:
@@ -158,18 +163,14 @@ def test_peers_table_gives_the_highest_sustained_rate_and_cost_at_the_first_rate
 def test_missing_and_failed_cases_are_shown_as_not_measured(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
     results["cases"]["agent_throughput"] = {"not_measured": "bench/agent_throughput.py is gone"}
-    out = tmp_path / "m.md"
-    page.write_page(results, out)
-    text = out.read_text()
+    text = page_text(results, tmp_path)
     assert "not measured: bench/agent_throughput.py is gone" in text
     assert "not measured: the case failed: `TimeoutError: the shim did not start`" in text
 
 
 def test_goal_verdicts_follow_the_thresholds(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
-    out = tmp_path / "a.md"
-    page.write_page(results, out)
-    text = out.read_text()
+    text = page_text(results, tmp_path)
     assert goal_row(text, "RSS without").endswith("| meets |")  # 46.5 <= 48
     assert goal_row(text, "CPU at 10K").endswith("| meets |")  # 0.0421 <= 0.05
     stdout = goal_row(text, "zero-loss rate, 2 writers, stdout")
@@ -184,8 +185,7 @@ def test_goal_verdicts_follow_the_thresholds(tmp_path: Path) -> None:
     results["cases"]["standard_point"]["rss_without_ring_max_mib"] = 48.5
     results["cases"]["standard_point"]["p99_s"] = 1.6
     del results["cases"]["agent_throughput"]
-    page.write_page(results, out)
-    text = out.read_text()
+    text = page_text(results, tmp_path)
     assert goal_row(text, "RSS without").endswith("| **misses** |")
     assert goal_row(text, "latency").endswith("| **misses** |")
     assert goal_row(text, "zero-loss rate").endswith("| not measured |")
@@ -206,20 +206,15 @@ def test_the_precise_unwatched_cost_has_its_table(rendered: tuple[str, Path]) ->
 
 def test_the_floor_is_called_out_only_when_it_alone_misses_the_goal(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
-    out = tmp_path / "f.md"
-    page.write_page(results, out)
-    assert "cannot have" not in out.read_text()  # write: 7.4 ns of 160 ns is under 10 %
+    assert "cannot have" not in page_text(results, tmp_path)  # write: 7.4 of 160 ns < 10 %
     results["cases"]["write_cost"]["unwatched"]["variants"]["write"]["empty_added_ns"] = 40.0
-    page.write_page(results, out)
-    assert "the minimal filter alone is more than 10 %" in out.read_text()
+    assert "the minimal filter alone is more than 10 %" in page_text(results, tmp_path)
 
 
 def test_a_write_cost_without_the_precise_figures_is_not_measured(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
     del results["cases"]["write_cost"]["unwatched"]
-    out = tmp_path / "w.md"
-    page.write_page(results, out)
-    assert goal_row(out.read_text(), "write() cost").endswith("| not measured |")
+    assert goal_row(page_text(results, tmp_path), "write() cost").endswith("| not measured |")
 
 
 def test_plots_are_png_files_linked_from_the_page(rendered: tuple[str, Path]) -> None:
@@ -243,9 +238,7 @@ def test_throughput_rows_from_json_become_a_table(tmp_path: Path) -> None:
     rows = [ramp_row("loki", "on", 100_000, True, 0.412)]
     results["cases"]["agent_throughput"] = {"data": {"rows": rows},
                                             "text": "raw output\n" + json.dumps({"rows": rows})}
-    out = tmp_path / "t.md"
-    page.write_page(results, out)
-    text = out.read_text()
+    text = page_text(results, tmp_path)
     assert "| sink | gzip | lines/s | held | agent cores |" in text
     assert "| loki | on | 100,000 | True | 0.412 |" in text
     assert "raw output" in text
@@ -275,9 +268,7 @@ def test_losses_text_names_only_the_counters_that_grew() -> None:
 def test_a_failed_component_script_is_named_and_the_others_still_shown(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
     results["cases"]["micro"]["error"] = "bench/disk_buffer_bench.py exited 1: AttributeError"
-    out = tmp_path / "m.md"
-    page.write_page(results, out)
-    text = out.read_text()
+    text = page_text(results, tmp_path)
     assert "**Failed in this run:**" in text and "disk_buffer_bench.py exited 1" in text
     assert "decode, 100-byte records: 1,000 rec/s" in text
     assert page.broken(results) == ["containerd", "micro"]
@@ -312,21 +303,16 @@ def test_the_profile_gives_each_threads_cpu_and_each_stages_share_and_cores(
 def test_a_failed_profile_is_not_measured(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
     results["cases"]["profile"] = {"error": "RuntimeError: no profile: ['py-spy not found']"}
-    out = tmp_path / "benchmarks.md"
-    page.write_page(results, out)
     assert "profile (bench/agent_throughput.py --profile): not measured: the case failed" in (
-        out.read_text())
+        page_text(results, tmp_path))
 
 
 def test_a_cpu_goal_missed_on_fixed_work_says_what_would_cut_it(tmp_path: Path) -> None:
     results = copy.deepcopy(CANNED)
     results["cases"]["standard_point"]["cpu_cores"] = 0.08  # misses 0.05
-    out = tmp_path / "benchmarks.md"
-    page.write_page(results, out)
-    goals = out.read_text().split("## write() cost", 1)[0]
+    goals = page_text(results, tmp_path).split("## write() cost", 1)[0]
     assert "[the profile](#where-the-agents-cpu-goes)" in goals
     assert "fixed work per batch" in goals  # 40 % per line at 10K in the canned profile
     prof = results["cases"]["profile"]["data"]["rows"][0]["profile"]
     prof["stages"] = {"decode": 0.6, "other": 0.4}
-    page.write_page(results, out)
-    assert "fixed work per batch" not in out.read_text()
+    assert "fixed work per batch" not in page_text(results, tmp_path)
